@@ -1,0 +1,400 @@
+//! IR -> x86_64 machine code, with iced-x86's code assembler.
+//!
+//! The same code runs at CPL0 (KVM's instruction emulator on PVM, natively on VMX/SVM) and at
+//! CPL3 (natively on PVM): it uses no privileged instruction and talks to the host only through
+//! the MMIO doorbell.
+//!
+//! Register conventions, set up by the prologue and never changed by the body:
+//!
+//! | reg | holds |
+//! |-----|-------|
+//! | r15 | seq of the last completed write (0 before the first) |
+//! | r14 | this vCPU's control page |
+//! | r13 | the doorbell page |
+//! | r12 | the data region base |
+//! | r11 | `vcpu << 48` (stamp = r11 + r15) |
+//!
+//! A stamped write is `inc r15; lea rax, [r11 + r15]; mov [page + offset], rax;
+//! mov [r14 + PROGRESS], r15`. x86 stores become visible in program order (TSO), so the progress
+//! store is a release of the stamp store, on the CPU and in KVM's emulator alike.
+
+mod disasm;
+
+pub use disasm::{Line, decode_one, disassemble};
+
+use iced_x86::BlockEncoderOptions;
+use iced_x86::code_asm::{
+    AsmMemoryOperand, CodeAssembler, CodeLabel, IcedError, dword_ptr, eax, ebx, ecx, edx, ptr,
+    qword_ptr, r11, r12, r13, r14, r15, rax, rcx, rdi, rdx, rsi,
+};
+
+use crate::layout::{DATA_GPA, DOORBELL_GPA, PAGE_SIZE, UNMAPPED_GVA, control, control_page};
+use crate::program::{Access, Misbehaviour, Op, PageSeq, Program, ProgramError, Repeat};
+use crate::sim::stamp;
+
+/// A compiled thread, linked to run at `base`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Compiled {
+    /// The vCPU this code is for (its id is baked into stamps and addresses).
+    pub vcpu: usize,
+    /// Guest address of the first byte; also the entry point.
+    pub base: u64,
+    /// Code followed by read-only tables.
+    pub bytes: Vec<u8>,
+    /// Bytes of code before the tables.
+    pub code_len: usize,
+    /// Address of the first instruction of each op, in op order; the last entry is the `Done`
+    /// the compiler appended, if any.
+    pub op_addrs: Vec<u64>,
+    /// One description per entry of `op_addrs`.
+    pub op_names: Vec<String>,
+}
+
+impl Compiled {
+    /// Index of the op whose code contains `rip`, if `rip` is in this thread's code.
+    #[must_use]
+    pub fn op_at(&self, rip: u64) -> Option<usize> {
+        if rip < self.base || rip >= self.base + self.code_len as u64 {
+            return None;
+        }
+        self.op_addrs.iter().rposition(|&addr| addr <= rip)
+    }
+
+    /// "op 3 (write page 5 +0x8)" for the op containing `rip`, or a note that `rip` is elsewhere.
+    #[must_use]
+    pub fn describe_rip(&self, rip: u64) -> String {
+        match self.op_at(rip) {
+            Some(i) => format!("op {i} ({})", self.op_names[i]),
+            None => format!("outside vCPU {}'s code", self.vcpu),
+        }
+    }
+
+    /// Annotated disassembly of the code (tables are summarised, not decoded).
+    #[must_use]
+    pub fn listing(&self) -> String {
+        let mut out = String::new();
+        let lines = disassemble(&self.bytes[..self.code_len], self.base);
+        let mut next_op = 0;
+        for line in lines {
+            while next_op < self.op_addrs.len() && self.op_addrs[next_op] <= line.addr {
+                out.push_str(&format!("; op {next_op}: {}\n", self.op_names[next_op]));
+                next_op += 1;
+            }
+            out.push_str(&line.to_string());
+            out.push('\n');
+        }
+        let table_bytes = self.bytes.len() - self.code_len;
+        if table_bytes > 0 {
+            out.push_str(&format!(
+                "; {table_bytes} bytes of page-index tables (u32 entries)\n"
+            ));
+        }
+        out
+    }
+}
+
+/// Why a program could not be compiled.
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    /// The program breaks a rule (see [`Program::validate`]).
+    #[error("invalid program: {0}")]
+    Program(#[from] ProgramError),
+    /// No thread for this vCPU.
+    #[error("program has no thread for vCPU {0}")]
+    NoThread(usize),
+    /// The assembler rejected an instruction (a compiler bug).
+    #[error("assembler: {0}")]
+    Assembler(String),
+}
+
+impl From<IcedError> for CompileError {
+    fn from(e: IcedError) -> Self {
+        Self::Assembler(e.to_string())
+    }
+}
+
+/// Compile `vcpu`'s thread of `program`, linked at guest address `base`.
+pub fn compile(program: &Program, vcpu: usize, base: u64) -> Result<Compiled, CompileError> {
+    program.validate()?;
+    let thread = program
+        .vcpus
+        .get(vcpu)
+        .ok_or(CompileError::NoThread(vcpu))?;
+    let mut ops: Vec<Op> = thread.ops.clone();
+    if !thread.ends_itself() {
+        ops.push(Op::Done);
+    }
+    let mut cg = Gen::new(vcpu)?;
+    let mut op_labels: Vec<CodeLabel> = ops.iter().map(|_| cg.a.create_label()).collect();
+    cg.prologue()?;
+    for (i, op) in ops.iter().enumerate() {
+        cg.a.set_label(&mut op_labels[i])?;
+        let next = op_labels.get(i + 1).copied();
+        cg.op(op, op_labels[i], next)?;
+    }
+    let code_marker = cg.tables_start()?;
+    let result =
+        cg.a.assemble_options(base, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)?;
+    let code_len = match code_marker {
+        Some(label) => usize::try_from(result.label_ip(&label)? - base)
+            .map_err(|e| CompileError::Assembler(e.to_string()))?,
+        None => result.inner.code_buffer.len(),
+    };
+    let op_addrs = op_labels
+        .iter()
+        .map(|l| result.label_ip(l))
+        .collect::<Result<Vec<u64>, IcedError>>()?;
+    Ok(Compiled {
+        vcpu,
+        base,
+        bytes: result.inner.code_buffer,
+        code_len,
+        op_addrs,
+        op_names: ops.iter().map(ToString::to_string).collect(),
+    })
+}
+
+/// Code generator state for one thread.
+struct Gen {
+    a: CodeAssembler,
+    vcpu: usize,
+    /// Tables to emit after the code: (label, u32 page indices).
+    tables: Vec<(CodeLabel, Vec<u32>)>,
+}
+
+impl Gen {
+    fn new(vcpu: usize) -> Result<Self, CompileError> {
+        Ok(Self {
+            a: CodeAssembler::new(64)?,
+            vcpu,
+            tables: Vec::new(),
+        })
+    }
+
+    fn prologue(&mut self) -> Result<(), CompileError> {
+        let a = &mut self.a;
+        a.xor(r15, r15)?;
+        a.mov(r11, stamp(self.vcpu, 0))?;
+        a.mov(r14, control_page(self.vcpu))?;
+        a.mov(r13, DOORBELL_GPA)?;
+        a.mov(r12, DATA_GPA)?;
+        Ok(())
+    }
+
+    /// Memory operand for `offset` bytes into data page `page`.
+    fn data_operand(&mut self, page: u64, offset: u16) -> Result<AsmMemoryOperand, CompileError> {
+        let displacement = page * PAGE_SIZE + u64::from(offset);
+        Ok(match i32::try_from(displacement) {
+            Ok(d) => qword_ptr(r12 + d),
+            Err(_) => {
+                self.a.mov(rdx, DATA_GPA + displacement)?;
+                qword_ptr(rdx)
+            }
+        })
+    }
+
+    /// The stamped write: bump seq, store the stamp at `target`, publish seq.
+    fn stamped_write(&mut self, target: AsmMemoryOperand) -> Result<(), CompileError> {
+        let a = &mut self.a;
+        a.inc(r15)?;
+        a.lea(rax, qword_ptr(r11 + r15))?;
+        a.mov(target, rax)?;
+        a.mov(qword_ptr(r14 + i32_of(control::PROGRESS)), r15)?;
+        Ok(())
+    }
+
+    fn counted_read(&mut self, source: AsmMemoryOperand) -> Result<(), CompileError> {
+        self.a.mov(rax, source)?;
+        self.a.inc(qword_ptr(r14 + i32_of(control::READS)))?;
+        Ok(())
+    }
+
+    fn op(
+        &mut self,
+        op: &Op,
+        this: CodeLabel,
+        next: Option<CodeLabel>,
+    ) -> Result<(), CompileError> {
+        match op {
+            Op::Write { page, offset } => {
+                let target = self.data_operand(*page, *offset)?;
+                self.stamped_write(target)
+            }
+            Op::Read { page, offset } => {
+                let source = self.data_operand(*page, *offset)?;
+                self.counted_read(source)
+            }
+            Op::Loop {
+                pages,
+                access,
+                offset,
+                repeat,
+            } => self.looped(pages, *access, *offset, *repeat, next),
+            Op::Sync(n) => {
+                let a = &mut self.a;
+                a.mov(eax, *n)?;
+                a.mov(qword_ptr(r14 + i32_of(control::SYNC)), rax)?;
+                a.mov(qword_ptr(r13 + i32_of(crate::layout::doorbell::SYNC)), rax)?;
+                Ok(())
+            }
+            // Both loop back to their own first instruction (labels: one per instruction).
+            Op::Done => {
+                let a = &mut self.a;
+                a.mov(qword_ptr(r13 + i32_of(crate::layout::doorbell::DONE)), r15)?;
+                a.jmp(this)?;
+                Ok(())
+            }
+            Op::Misbehave(m) => self.misbehave(*m, this),
+        }
+    }
+
+    fn misbehave(&mut self, m: Misbehaviour, this: CodeLabel) -> Result<(), CompileError> {
+        let a = &mut self.a;
+        match m {
+            Misbehaviour::Hang => {}
+            Misbehaviour::TripleFault => {
+                a.mov(rax, UNMAPPED_GVA)?;
+                a.mov(qword_ptr(rax), r15)?;
+            }
+            Misbehaviour::ExitStorm => {
+                a.mov(qword_ptr(r13 + i32_of(crate::layout::doorbell::STORM)), r15)?;
+            }
+        }
+        a.jmp(this)?;
+        Ok(())
+    }
+
+    /// ```text
+    ///     mov rdi, count          ; pages per pass
+    ///     mov ebx, times          ; (Times) passes left
+    ///     lea rsi, [rip + table]  ; (tables)
+    /// outer:
+    ///     xor ecx, ecx
+    /// inner:
+    ///     cmp qword [r14 + STOP], 0 ; jne next_op   (UntilStopped)
+    ///     <rdx = page at position rcx>
+    ///     shl rdx, 12
+    ///     <write or read at [r12 + rdx + offset]>
+    ///     inc rcx ; cmp rcx, rdi ; jb inner
+    ///     inc qword [r14 + PASSES]
+    ///     dec rbx ; jnz outer     (Times)   |   jmp outer   (UntilStopped)
+    /// ```
+    fn looped(
+        &mut self,
+        pages: &PageSeq,
+        access: Access,
+        offset: u16,
+        repeat: Repeat,
+        next: Option<CodeLabel>,
+    ) -> Result<(), CompileError> {
+        let mut outer = self.a.create_label();
+        let mut inner = self.a.create_label();
+        self.a.mov(rdi, pages.len())?;
+        if let Repeat::Times(n) = repeat {
+            self.a.mov(ebx, n)?;
+        }
+        if pages.needs_table() {
+            let table: Vec<u32> = pages
+                .pages()
+                .into_iter()
+                .map(|p| u32::try_from(p).map_err(|e| CompileError::Assembler(e.to_string())))
+                .collect::<Result<_, _>>()?;
+            let label = self.a.create_label();
+            self.a.lea(rsi, ptr(label))?;
+            self.tables.push((label, table));
+        }
+        self.a.set_label(&mut outer)?;
+        self.a.xor(ecx, ecx)?;
+        self.a.set_label(&mut inner)?;
+        if repeat == Repeat::UntilStopped {
+            let next = next.ok_or_else(|| {
+                CompileError::Assembler("UntilStopped loop without a following op".into())
+            })?;
+            self.a.cmp(qword_ptr(r14 + i32_of(control::STOP)), 0)?;
+            self.a.jne(next)?;
+        }
+        match pages {
+            PageSeq::Range { start, .. } => self.add_start(*start)?,
+            PageSeq::Strided { start, stride, .. } => {
+                match i32::try_from(*stride) {
+                    Ok(s) => self.a.imul_3(rdx, rcx, s)?,
+                    Err(_) => {
+                        self.a.mov(rdx, *stride)?;
+                        self.a.imul_2(rdx, rcx)?;
+                    }
+                }
+                self.add_to_rdx(*start)?;
+            }
+            PageSeq::Shuffled { .. } | PageSeq::List(_) => {
+                self.a.mov(edx, dword_ptr(rsi + rcx * 4))?;
+            }
+        }
+        self.a.shl(rdx, 12)?;
+        let operand = qword_ptr(r12 + rdx + i32::from(offset));
+        match access {
+            Access::Write => self.stamped_write(operand)?,
+            Access::Read => self.counted_read(operand)?,
+        }
+        let a = &mut self.a;
+        a.inc(rcx)?;
+        a.cmp(rcx, rdi)?;
+        a.jb(inner)?;
+        a.inc(qword_ptr(r14 + i32_of(control::PASSES)))?;
+        match repeat {
+            Repeat::Times(_) => {
+                a.dec(ebx)?;
+                a.jnz(outer)?;
+            }
+            Repeat::UntilStopped => a.jmp(outer)?,
+        }
+        Ok(())
+    }
+
+    /// rdx = rcx + start
+    fn add_start(&mut self, start: u64) -> Result<(), CompileError> {
+        match i32::try_from(start) {
+            Ok(s) => self.a.lea(rdx, qword_ptr(rcx + s))?,
+            Err(_) => {
+                self.a.mov(rdx, start)?;
+                self.a.add(rdx, rcx)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// rdx += value
+    fn add_to_rdx(&mut self, value: u64) -> Result<(), CompileError> {
+        if value == 0 {
+            return Ok(());
+        }
+        match i32::try_from(value) {
+            Ok(v) => self.a.add(rdx, v)?,
+            Err(_) => {
+                self.a.mov(rax, value)?;
+                self.a.add(rdx, rax)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Emit the tables after the code; returns the label of the first table byte.
+    fn tables_start(&mut self) -> Result<Option<CodeLabel>, CompileError> {
+        let tables = std::mem::take(&mut self.tables);
+        let mut first = None;
+        for (mut label, entries) in tables {
+            self.a.set_label(&mut label)?;
+            first.get_or_insert(label);
+            let bytes: Vec<u8> = entries.iter().flat_map(|e| e.to_le_bytes()).collect();
+            self.a.db(&bytes)?;
+        }
+        Ok(first)
+    }
+}
+
+/// A control-page or doorbell field offset as an instruction displacement.
+fn i32_of(offset: u64) -> i32 {
+    i32::try_from(offset).unwrap_or(i32::MAX)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,682 @@
+//! A [`Machine`]: one VM laid out as `trackcheck_guests::layout` describes, with vCPUs that run
+//! compiled [`Program`]s segment by segment (sync point to sync point).
+//!
+//! Memslots: [`SYSTEM_SLOT`] (code, stacks, page tables), [`CONTROL_SLOT`] (one control page per
+//! vCPU), [`DATA_SLOT`] (the tracked data region). None is logged until a tracker turns logging
+//! on.
+//!
+//! Reuse: [`Machine::load`] puts a new program in place and restarts the vCPUs without touching
+//! data; [`Machine::reset`] also zeroes the data region. Both are far cheaper than a new VM
+//! (no KVM_CREATE_VM, no memslot setup, no first-touch faults on host memory).
+
+use std::time::Duration;
+
+use trackcheck_guests::layout::{
+    CONTROL_GPA, DATA_GPA, DOORBELL_GPA, HUGE_2M, MAX_DATA_PAGES, MAX_SYSTEM_BYTES, MAX_VCPUS,
+    PAGE_SIZE, SYSTEM_GPA, control,
+};
+use trackcheck_guests::x86_64::{CompileError, Compiled, compile, decode_one};
+use trackcheck_guests::{GuestPageSize, Program};
+
+use crate::arch::{self, Entry, Mapping, PageTableError, PageTables};
+use crate::host::{self, BackendKind};
+use crate::memory::{Backing, GuestMemory, MemoryError};
+use crate::mode::{self, ExecutionMode, ModeEvidence, ModePlan};
+use crate::sys::stats::StatsSnapshot;
+use crate::vcpu::{GroupMonitor, RunFailure, RunLimits, Stop, Vcpu, run_group};
+use crate::vm::{Vm, VmError};
+
+/// Memslot of the system region.
+pub const SYSTEM_SLOT: u32 = 0;
+/// Memslot of the control pages.
+pub const CONTROL_SLOT: u32 = 1;
+/// Memslot of the data region.
+pub const DATA_SLOT: u32 = 2;
+
+/// How to build a machine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MachineConfig {
+    /// vCPUs (1..=64).
+    pub vcpus: usize,
+    /// 4 KiB pages in the data region.
+    pub data_pages: u64,
+    /// Host backing of the data region.
+    pub backing: Backing,
+    /// Page size of the guest's mappings of the data region.
+    pub guest_page_size: GuestPageSize,
+    /// Execution mode.
+    pub mode: ExecutionMode,
+    /// Watchdog and livelock bounds for every run segment.
+    pub limits: RunLimits,
+    /// Bytes reserved for compiled code, all vCPUs together.
+    pub code_capacity: u64,
+    /// Fault in the data region's host memory at creation.
+    pub populate: bool,
+}
+
+impl Default for MachineConfig {
+    fn default() -> Self {
+        Self {
+            vcpus: 1,
+            data_pages: 512,
+            backing: Backing::Anon,
+            guest_page_size: GuestPageSize::Size4K,
+            mode: ExecutionMode::Native,
+            limits: RunLimits::default(),
+            code_capacity: 8 << 20,
+            populate: true,
+        }
+    }
+}
+
+/// Errors building or running a machine.
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    /// The configuration cannot work anywhere.
+    #[error("invalid machine configuration: {0}")]
+    Config(String),
+    /// This host cannot provide what the configuration asks for (a skip, not a failure).
+    #[error("{what} is not supported on this host: {reason}")]
+    Unsupported {
+        /// What was asked for.
+        what: String,
+        /// Why it cannot be had.
+        reason: String,
+    },
+    /// A VM operation failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Guest memory could not be set up.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// The program does not compile.
+    #[error(transparent)]
+    Compile(#[from] CompileError),
+    /// Page tables could not be built.
+    #[error("guest page tables: {0}")]
+    PageTables(#[from] PageTableError),
+    /// Setting up a vCPU failed.
+    #[error("vCPU {vcpu}: {text}")]
+    Vcpu {
+        /// vCPU index.
+        vcpu: usize,
+        /// What failed.
+        text: String,
+    },
+    /// The program does not fit this machine.
+    #[error("program does not fit the machine: {0}")]
+    Program(String),
+    /// One or more vCPUs failed a run segment.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Run(Vec<RunFailure>),
+}
+
+impl MachineError {
+    /// True when the host lacks something (the trial should be skipped with this reason).
+    #[must_use]
+    pub fn is_unsupported(&self) -> bool {
+        matches!(
+            self,
+            Self::Unsupported { .. }
+                | Self::Memory(MemoryError::Unsupported { .. } | MemoryError::NoHugepages { .. })
+                | Self::Vm(VmError::Kvm(_))
+        )
+    }
+}
+
+/// Where things are in the system region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SystemLayout {
+    /// First stack page (one page per vCPU; stack of vCPU v tops at `stacks + (v + 1) * 4K`).
+    pub stacks: u64,
+    /// Start of the code area.
+    pub code: u64,
+    /// Bytes of code area.
+    pub code_capacity: u64,
+    /// Start of the page-table area.
+    pub tables: u64,
+    /// Pages in the page-table area.
+    pub table_pages: u64,
+    /// Total bytes of the system region.
+    pub bytes: u64,
+}
+
+/// Where a vCPU is in its program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcpuState {
+    /// No program for this vCPU.
+    Idle,
+    /// Runnable: at its entry point, or stopped at `Sync(n)` (`Some(n)`).
+    Ready(Option<u32>),
+    /// Finished its program.
+    Done {
+        /// Last sequence number used.
+        last_seq: u64,
+    },
+    /// Failed a run segment; needs a restart.
+    Failed,
+}
+
+/// The memory of one of the machine's fixed slots, which exist from `Machine::new` on and are
+/// never deleted by the machine.
+fn fixed_slot(vm: &Vm, slot: u32) -> &GuestMemory {
+    match vm.slot(slot) {
+        Ok(s) => &s.memory,
+        Err(e) => panic!("machine slot {slot} missing: {e}"),
+    }
+}
+
+fn control_field(vm: &Vm, vcpu: usize, offset: u64) -> u64 {
+    fixed_slot(vm, CONTROL_SLOT).load_acquire(vcpu as u64 * PAGE_SIZE + offset)
+}
+
+/// What the host sees while vCPUs run (see [`Machine::run_with`]).
+#[derive(Debug)]
+pub struct RunView<'a> {
+    vm: &'a Vm,
+    monitor: &'a GroupMonitor<'a>,
+}
+
+impl RunView<'_> {
+    /// The VM (for harvesting while the vCPUs run).
+    #[must_use]
+    pub fn vm(&self) -> &Vm {
+        self.vm
+    }
+
+    /// The data region's memory.
+    #[must_use]
+    pub fn data(&self) -> &GuestMemory {
+        fixed_slot(self.vm, DATA_SLOT)
+    }
+
+    /// Sequence number of `vcpu`'s last completed write (acquire).
+    #[must_use]
+    pub fn progress(&self, vcpu: usize) -> u64 {
+        control_field(self.vm, vcpu, control::PROGRESS)
+    }
+
+    /// Ask every `UntilStopped` loop of `vcpu` to end at its next page.
+    pub fn request_stop(&self, vcpu: usize) {
+        fixed_slot(self.vm, CONTROL_SLOT).store_release(vcpu as u64 * PAGE_SIZE + control::STOP, 1);
+    }
+
+    /// vCPUs that have not come back from this run yet.
+    #[must_use]
+    pub fn running(&self) -> usize {
+        self.monitor.running()
+    }
+}
+
+/// A VM with the trackcheck guest layout.
+#[derive(Debug)]
+pub struct Machine {
+    config: MachineConfig,
+    plan: ModePlan,
+    backend: BackendKind,
+    layout: SystemLayout,
+    root: u64,
+    // vCPUs before the VM: their fds close before the VM's.
+    vcpus: Vec<Vcpu>,
+    vm: Vm,
+    compiled: Vec<Compiled>,
+    program: Option<Program>,
+    states: Vec<VcpuState>,
+}
+
+fn data_mappings(data_pages: u64, page: GuestPageSize) -> Vec<Mapping> {
+    let bytes = data_pages * PAGE_SIZE;
+    let mut out = Vec::new();
+    let mut mapped = 0;
+    for size in [
+        GuestPageSize::Size1G,
+        GuestPageSize::Size2M,
+        GuestPageSize::Size4K,
+    ] {
+        if size.bytes() > page.bytes() {
+            continue;
+        }
+        let len = (bytes - mapped) / size.bytes() * size.bytes();
+        if len > 0 {
+            out.push(Mapping {
+                gva: DATA_GPA + mapped,
+                gpa: DATA_GPA + mapped,
+                len,
+                page: size,
+                writable: true,
+                executable: false,
+            });
+            mapped += len;
+        }
+    }
+    out
+}
+
+fn rw(gpa: u64, len: u64) -> Mapping {
+    Mapping {
+        gva: gpa,
+        gpa,
+        len,
+        page: GuestPageSize::Size4K,
+        writable: true,
+        executable: false,
+    }
+}
+
+impl Machine {
+    /// Build a machine: VM, memslots, page tables, vCPUs. No program is loaded.
+    pub fn new(config: MachineConfig) -> Result<Self, MachineError> {
+        if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
+            return Err(MachineError::Config(format!(
+                "{} vCPUs; 1..={MAX_VCPUS} supported",
+                config.vcpus
+            )));
+        }
+        if config.data_pages == 0 || config.data_pages > MAX_DATA_PAGES {
+            return Err(MachineError::Config(format!(
+                "{} data pages; 1..={MAX_DATA_PAGES} supported",
+                config.data_pages
+            )));
+        }
+        let backend = host::probe_backend().kind;
+        let plan =
+            mode::plan(config.mode, backend).map_err(|reason| MachineError::Unsupported {
+                what: format!("{} execution", config.mode),
+                reason,
+            })?;
+        let vm = Vm::new()?;
+        if config.guest_page_size == GuestPageSize::Size1G {
+            let facts = arch::guest_cpu_facts(vm.kvm()).map_err(MachineError::Config)?;
+            if !facts.pages_1g {
+                return Err(MachineError::Unsupported {
+                    what: "1 GiB guest pages".into(),
+                    reason: "KVM does not offer pdpe1gb in the guest CPUID".into(),
+                });
+            }
+        }
+        let vcpus_bytes = config.vcpus as u64 * PAGE_SIZE;
+        let code_capacity = config.code_capacity.div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        let stacks = SYSTEM_GPA;
+        let code = stacks + vcpus_bytes;
+        let mut mappings = vec![
+            rw(stacks, vcpus_bytes),
+            Mapping {
+                gva: code,
+                gpa: code,
+                len: code_capacity,
+                page: GuestPageSize::Size4K,
+                writable: false,
+                executable: true,
+            },
+            rw(CONTROL_GPA, vcpus_bytes),
+            rw(DOORBELL_GPA, PAGE_SIZE),
+        ];
+        mappings.extend(data_mappings(config.data_pages, config.guest_page_size));
+        let table_pages = PageTables::pages_needed(&mappings);
+        let tables = code + code_capacity;
+        let bytes = (tables + table_pages * PAGE_SIZE - SYSTEM_GPA).div_ceil(HUGE_2M) * HUGE_2M;
+        if bytes > MAX_SYSTEM_BYTES {
+            return Err(MachineError::Config(format!(
+                "system region of {bytes:#x} bytes exceeds {MAX_SYSTEM_BYTES:#x}: less code capacity or data"
+            )));
+        }
+        let layout = SystemLayout {
+            stacks,
+            code,
+            code_capacity,
+            tables,
+            table_pages,
+            bytes,
+        };
+        let pt = PageTables::build(&mappings, tables, table_pages, true)?;
+
+        let mut vm = vm;
+        let system = GuestMemory::new(Backing::Anon, bytes)?;
+        for (gpa, entries) in &pt.tables {
+            let raw: Vec<u8> = entries.iter().flat_map(|e| e.to_le_bytes()).collect();
+            system.write(gpa - SYSTEM_GPA, &raw);
+        }
+        vm.add_slot(SYSTEM_SLOT, SYSTEM_GPA, system, None, 0)?;
+        let control_mem = GuestMemory::new(Backing::Anon, vcpus_bytes)?;
+        control_mem.populate()?;
+        vm.add_slot(CONTROL_SLOT, CONTROL_GPA, control_mem, None, 0)?;
+        let data = GuestMemory::new(config.backing, config.data_pages * PAGE_SIZE)?;
+        if config.populate {
+            data.populate()?;
+        }
+        vm.add_slot(DATA_SLOT, DATA_GPA, data, None, 0)?;
+
+        let mut vcpus = Vec::with_capacity(config.vcpus);
+        for id in 0..config.vcpus {
+            let fd = vm.create_vcpu_fd(id)?;
+            arch::set_cpuid(vm.kvm(), &fd, id)
+                .map_err(|text| MachineError::Vcpu { vcpu: id, text })?;
+            vcpus.push(Vcpu::new(id, fd));
+        }
+        let states = vec![VcpuState::Idle; config.vcpus];
+        Ok(Self {
+            config,
+            plan,
+            backend,
+            layout,
+            root: pt.root,
+            vcpus,
+            vm,
+            compiled: Vec::new(),
+            program: None,
+            states,
+        })
+    }
+
+    /// The configuration.
+    #[must_use]
+    pub fn config(&self) -> &MachineConfig {
+        &self.config
+    }
+
+    /// How the requested execution mode is obtained here.
+    #[must_use]
+    pub fn plan(&self) -> &ModePlan {
+        &self.plan
+    }
+
+    /// The KVM backend.
+    #[must_use]
+    pub fn backend(&self) -> BackendKind {
+        self.backend
+    }
+
+    /// The system region layout.
+    #[must_use]
+    pub fn layout(&self) -> SystemLayout {
+        self.layout
+    }
+
+    /// The guest page-table root (CR3).
+    #[must_use]
+    pub fn page_table_root(&self) -> u64 {
+        self.root
+    }
+
+    /// The VM (trackers attach to it).
+    #[must_use]
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    /// The VM, mutably (memslot operations).
+    pub fn vm_mut(&mut self) -> &mut Vm {
+        &mut self.vm
+    }
+
+    /// The loaded program.
+    #[must_use]
+    pub fn program(&self) -> Option<&Program> {
+        self.program.as_ref()
+    }
+
+    /// Compiled code per vCPU of the loaded program.
+    #[must_use]
+    pub fn compiled(&self) -> &[Compiled] {
+        &self.compiled
+    }
+
+    /// State of every vCPU.
+    #[must_use]
+    pub fn states(&self) -> &[VcpuState] {
+        &self.states
+    }
+
+    fn memory(&self, slot: u32) -> &GuestMemory {
+        fixed_slot(&self.vm, slot)
+    }
+
+    /// The data region's memory.
+    #[must_use]
+    pub fn data(&self) -> &GuestMemory {
+        self.memory(DATA_SLOT)
+    }
+
+    /// The control page of `vcpu`: field `offset` (see `layout::control`), acquire-loaded.
+    #[must_use]
+    pub fn control(&self, vcpu: usize, offset: u64) -> u64 {
+        control_field(&self.vm, vcpu, offset)
+    }
+
+    /// Sequence number of `vcpu`'s last completed write.
+    #[must_use]
+    pub fn progress(&self, vcpu: usize) -> u64 {
+        self.control(vcpu, control::PROGRESS)
+    }
+
+    /// Compile `program` for this machine, write its code, and restart every vCPU at its entry.
+    /// Data memory is left as it is (see [`Machine::reset`]).
+    pub fn load(&mut self, program: &Program) -> Result<(), MachineError> {
+        if program.vcpu_count() > self.config.vcpus {
+            return Err(MachineError::Program(format!(
+                "{} threads for {} vCPUs",
+                program.vcpu_count(),
+                self.config.vcpus
+            )));
+        }
+        if program.data_pages > self.config.data_pages {
+            return Err(MachineError::Program(format!(
+                "{} data pages for a {}-page data region",
+                program.data_pages, self.config.data_pages
+            )));
+        }
+        let mut compiled = Vec::with_capacity(program.vcpu_count());
+        let mut at = self.layout.code;
+        let end = self.layout.code + self.layout.code_capacity;
+        for vcpu in 0..program.vcpu_count() {
+            let c = compile(program, vcpu, at)?;
+            let next = (at + c.bytes.len() as u64).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+            if next > end {
+                return Err(MachineError::Program(format!(
+                    "code of vCPUs 0..={vcpu} needs {:#x} bytes; the code area has {:#x} \
+                     (raise MachineConfig::code_capacity)",
+                    next - self.layout.code,
+                    self.layout.code_capacity
+                )));
+            }
+            compiled.push(c);
+            at = next;
+        }
+        let system = self.memory(SYSTEM_SLOT);
+        for c in &compiled {
+            system.write(c.base - SYSTEM_GPA, &c.bytes);
+        }
+        self.compiled = compiled;
+        self.program = Some(program.clone());
+        self.restart()
+    }
+
+    /// Zero the control pages and put every vCPU with a thread back at its entry point.
+    pub fn restart(&mut self) -> Result<(), MachineError> {
+        let control_mem = self.memory(CONTROL_SLOT);
+        control_mem.zero(0, self.config.vcpus as u64 * PAGE_SIZE);
+        let threads = self.compiled.len();
+        for (i, vcpu) in self.vcpus.iter_mut().enumerate() {
+            vcpu.settle();
+            if i >= threads {
+                self.states[i] = VcpuState::Idle;
+                continue;
+            }
+            let entry = Entry {
+                cpl: self.plan.cpl,
+                pc: self.compiled[i].base,
+                stack_top: self.layout.stacks + (i as u64 + 1) * PAGE_SIZE,
+                page_table_root: self.root,
+            };
+            arch::set_entry(vcpu.fd(), entry)
+                .map_err(|text| MachineError::Vcpu { vcpu: i, text })?;
+            self.states[i] = VcpuState::Ready(None);
+        }
+        Ok(())
+    }
+
+    /// Zero the data region and restart (the program stays loaded).
+    pub fn reset(&mut self) -> Result<(), MachineError> {
+        let data = self.data();
+        data.zero(0, data.len());
+        self.restart()
+    }
+
+    /// Run every ready vCPU to its next stop. Returns (vCPU, stop) for each that ran; if any
+    /// failed, every failure (with its program context) is the error.
+    pub fn run(&mut self) -> Result<Vec<(usize, Stop)>, MachineError> {
+        self.run_with(|_| ()).1
+    }
+
+    /// Like [`Machine::run`], with `host` running on this thread while the vCPUs run; it sees
+    /// the VM, progress and the stop flags through a [`RunView`].
+    pub fn run_with<R>(
+        &mut self,
+        host: impl FnOnce(&RunView<'_>) -> R,
+    ) -> (R, Result<Vec<(usize, Stop)>, MachineError>) {
+        let ready: Vec<usize> = (0..self.vcpus.len())
+            .filter(|&i| matches!(self.states[i], VcpuState::Ready(_)))
+            .collect();
+        let limits = self.config.limits;
+        let vm = &self.vm;
+        let mut selected: Vec<&mut Vcpu> = self
+            .vcpus
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| ready.contains(i))
+            .map(|(_, v)| v)
+            .collect();
+        let (r, results) = run_group(&mut selected, limits, |monitor| {
+            host(&RunView { vm, monitor })
+        });
+        if ready.is_empty() {
+            return (
+                r,
+                Err(MachineError::Program(
+                    "no vCPU is ready to run (load a program, or restart)".into(),
+                )),
+            );
+        }
+        let mut stops = Vec::new();
+        let mut failures = Vec::new();
+        for (&i, result) in ready.iter().zip(results) {
+            match result {
+                Ok(stop) => {
+                    self.states[i] = match stop {
+                        Stop::Sync(n) => VcpuState::Ready(Some(n)),
+                        Stop::Done { last_seq } => VcpuState::Done { last_seq },
+                    };
+                    stops.push((i, stop));
+                }
+                Err(mut failure) => {
+                    self.states[i] = VcpuState::Failed;
+                    failure.context = self.context_at(i, failure.pc);
+                    failures.push(failure);
+                }
+            }
+        }
+        if failures.is_empty() {
+            (r, Ok(stops))
+        } else {
+            (r, Err(MachineError::Run(failures)))
+        }
+    }
+
+    /// Run until every vCPU is done; returns the number of run segments.
+    pub fn run_to_completion(&mut self) -> Result<u64, MachineError> {
+        let mut segments = 0;
+        while self.states.iter().any(|s| matches!(s, VcpuState::Ready(_))) {
+            self.run()?;
+            segments += 1;
+        }
+        Ok(segments)
+    }
+
+    /// "op 3 (write page 5 +0x0), instruction `mov [r12],rax`" for `vcpu` at `pc`.
+    fn context_at(&self, vcpu: usize, pc: Option<u64>) -> String {
+        let Some(pc) = pc else { return String::new() };
+        let Some(c) = self.compiled.get(vcpu) else {
+            return String::new();
+        };
+        let where_ = c.describe_rip(pc);
+        let insn = pc
+            .checked_sub(c.base)
+            .and_then(|off| usize::try_from(off).ok())
+            .filter(|&off| off < c.code_len)
+            .and_then(|off| decode_one(&c.bytes[off..c.code_len], pc))
+            .map_or_else(
+                || "no decodable instruction there".to_string(),
+                |l| format!("instruction `{}`", l.text),
+            );
+        format!("{where_}, {insn}")
+    }
+
+    /// Binary stats of every vCPU now.
+    #[must_use]
+    pub fn vcpu_stats(&self) -> Vec<StatsSnapshot> {
+        self.vcpus.iter().map(Vcpu::stats).collect()
+    }
+
+    /// Binary stats of the VM now.
+    #[must_use]
+    pub fn vm_stats(&self) -> StatsSnapshot {
+        self.vm.stats()
+    }
+
+    /// Evidence of the execution mode between two `vcpu_stats()` snapshots, for `writes`
+    /// completed writes.
+    #[must_use]
+    pub fn mode_evidence(
+        &self,
+        before: &[StatsSnapshot],
+        after: &[StatsSnapshot],
+        writes: u64,
+    ) -> ModeEvidence {
+        let mut total = StatsSnapshot::default();
+        for (b, a) in before.iter().zip(after) {
+            total.accumulate(&a.delta(b));
+        }
+        ModeEvidence::new(
+            self.config.mode,
+            writes,
+            total.get("insn_emulation"),
+            total.get("exits"),
+        )
+    }
+
+    /// Sum of every vCPU's progress (completed stamped writes).
+    #[must_use]
+    pub fn total_progress(&self) -> u64 {
+        (0..self.compiled.len()).map(|v| self.progress(v)).sum()
+    }
+
+    /// The watchdog and livelock limits.
+    #[must_use]
+    pub fn limits(&self) -> RunLimits {
+        self.config.limits
+    }
+
+    /// Change the watchdog deadline (e.g. shorter for tests of misbehaving guests).
+    pub fn set_watchdog(&mut self, watchdog: Duration) {
+        self.config.limits.watchdog = watchdog;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_mappings_use_the_biggest_pages_that_fit() {
+        let m = data_mappings(512 * 3 + 5, GuestPageSize::Size2M);
+        assert_eq!(m.len(), 2);
+        assert_eq!((m[0].page, m[0].len), (GuestPageSize::Size2M, 3 * HUGE_2M));
+        assert_eq!(
+            (m[1].page, m[1].len, m[1].gpa),
+            (GuestPageSize::Size4K, 5 * PAGE_SIZE, DATA_GPA + 3 * HUGE_2M)
+        );
+        let m = data_mappings(7, GuestPageSize::Size4K);
+        assert_eq!(m.len(), 1);
+        assert_eq!(m[0].len, 7 * PAGE_SIZE);
+    }
+}

@@ -1,0 +1,756 @@
+//! Guest memory and its host backings.
+//!
+//! A [`GuestMemory`] is one host mapping that backs one memslot. Backings differ in what the
+//! host MMU gives KVM to map (4 KiB pages, transparent or hugetlb 2 MiB / 1 GiB pages, shared
+//! shmem pages), which is what decides whether KVM can install huge mappings that dirty logging
+//! must later split.
+//!
+//! Host settings: hugetlb backings need free hugepages. A [`HugetlbReservation`] raises
+//! `nr_hugepages` by exactly what the mapping needs and lowers it by the same amount when the
+//! memory is dropped. Each reservation is written to a ledger file named after the process, so a
+//! process that was killed before it could give its pages back is found by the next one (its pid
+//! is gone) and its pages are returned then: host hugepages never leak.
+//!
+//! Concurrency: the guest writes this memory while the host reads it, so the host never forms
+//! Rust references into it; every access is a volatile or atomic access through a raw pointer.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+const KIB: u64 = 1024;
+const HUGE_2M: u64 = 2 << 20;
+const HUGE_1G: u64 = 1 << 30;
+
+/// How guest memory is backed on the host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Backing {
+    /// Private anonymous memory with `MADV_NOHUGEPAGE`: 4 KiB host pages, always.
+    #[serde(rename = "anon")]
+    Anon,
+    /// Private anonymous memory, 2 MiB aligned, with `MADV_HUGEPAGE` (transparent huge pages).
+    #[serde(rename = "thp")]
+    Thp,
+    /// `MAP_HUGETLB | MAP_HUGE_2MB`.
+    #[serde(rename = "hugetlb-2m")]
+    Hugetlb2M,
+    /// `MAP_HUGETLB | MAP_HUGE_1GB`.
+    #[serde(rename = "hugetlb-1g")]
+    Hugetlb1G,
+    /// A `memfd_create` file mapped shared (shmem, 4 KiB pages).
+    #[serde(rename = "memfd")]
+    Memfd,
+    /// A `memfd_create(MFD_HUGETLB | MFD_HUGE_2MB)` file mapped shared.
+    #[serde(rename = "memfd-hugetlb-2m")]
+    MemfdHugetlb2M,
+    /// `MAP_SHARED | MAP_ANONYMOUS` (shmem without a file name).
+    #[serde(rename = "shmem")]
+    Shmem,
+}
+
+impl Backing {
+    /// Every backing, in report order.
+    pub const ALL: [Self; 7] = [
+        Self::Anon,
+        Self::Thp,
+        Self::Hugetlb2M,
+        Self::Hugetlb1G,
+        Self::Memfd,
+        Self::MemfdHugetlb2M,
+        Self::Shmem,
+    ];
+
+    /// Name used in trial names, reports and on the command line.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Anon => "anon",
+            Self::Thp => "thp",
+            Self::Hugetlb2M => "hugetlb-2m",
+            Self::Hugetlb1G => "hugetlb-1g",
+            Self::Memfd => "memfd",
+            Self::MemfdHugetlb2M => "memfd-hugetlb-2m",
+            Self::Shmem => "shmem",
+        }
+    }
+
+    /// Host page size of the backing (mapping lengths are rounded up to it).
+    #[must_use]
+    pub const fn page_bytes(self) -> u64 {
+        match self {
+            Self::Anon | Self::Memfd | Self::Shmem => 4 * KIB,
+            Self::Thp | Self::Hugetlb2M | Self::MemfdHugetlb2M => HUGE_2M,
+            Self::Hugetlb1G => HUGE_1G,
+        }
+    }
+
+    /// The hugetlb pool this backing draws from, in KiB (`hugepages-<N>kB`), if any.
+    #[must_use]
+    pub const fn hugetlb_kib(self) -> Option<u64> {
+        match self {
+            Self::Hugetlb2M | Self::MemfdHugetlb2M => Some(HUGE_2M / KIB),
+            Self::Hugetlb1G => Some(HUGE_1G / KIB),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Backing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Backing {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|b| b.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|b| b.name()).collect();
+                format!(
+                    "unknown backing {s:?}: expected one of {}",
+                    names.join(", ")
+                )
+            })
+    }
+}
+
+/// Errors creating or using guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The host cannot provide this backing; the reason says what is missing.
+    #[error("{backing} backing is unavailable on this host: {reason}")]
+    Unsupported {
+        /// The backing asked for.
+        backing: Backing,
+        /// What is missing.
+        reason: String,
+    },
+    /// A system call failed.
+    #[error("{call} for {bytes} bytes of {backing} memory: {source}")]
+    Sys {
+        /// The call (mmap, madvise, memfd_create, ...).
+        call: &'static str,
+        /// The backing.
+        backing: Backing,
+        /// Size asked for.
+        bytes: u64,
+        /// The error.
+        source: io::Error,
+    },
+    /// Not enough hugepages could be reserved.
+    #[error(
+        "could not reserve {wanted} hugepages of {kib} KiB (the pool grew by only {got}): host \
+         memory is short or fragmented; free memory, or reserve them at boot (hugepages=)"
+    )]
+    NoHugepages {
+        /// Pool size in KiB.
+        kib: u64,
+        /// Pages wanted.
+        wanted: u64,
+        /// Pages the kernel managed to add.
+        got: u64,
+    },
+    /// Reading or writing the hugetlb pool or its ledger failed.
+    #[error("hugetlb pool {path}: {source}")]
+    Pool {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+}
+
+/// One host mapping backing one memslot.
+#[derive(Debug)]
+pub struct GuestMemory {
+    ptr: NonNull<u8>,
+    /// Bytes usable (what was asked for).
+    len: u64,
+    /// Bytes mapped (rounded up to the backing's page size).
+    mapped: u64,
+    backing: Backing,
+    /// Keeps a memfd alive for the mapping's lifetime.
+    _fd: Option<OwnedFd>,
+    /// Dropped after the mapping (field order), returning the hugepages.
+    _reservation: Option<HugetlbReservation>,
+}
+
+// SAFETY: GuestMemory owns its mapping exclusively; it hands out no references into it, only
+// volatile/atomic accesses through raw pointers, which are sound from any thread.
+unsafe impl Send for GuestMemory {}
+// SAFETY: as above; all shared accesses are volatile or atomic, never `&`/`&mut` to the bytes.
+unsafe impl Sync for GuestMemory {}
+
+impl GuestMemory {
+    /// Map `bytes` of `backing` memory (rounded up to the backing's page size). Nothing is
+    /// populated yet; see [`GuestMemory::populate`].
+    pub fn new(backing: Backing, bytes: u64) -> Result<Self, MemoryError> {
+        let mapped = bytes.div_ceil(backing.page_bytes()) * backing.page_bytes();
+        let reservation = match backing.hugetlb_kib() {
+            Some(kib) => Some(HugetlbReservation::acquire(kib, mapped / (kib * KIB))?),
+            None => None,
+        };
+        let sys = |call: &'static str| {
+            move |source: io::Error| MemoryError::Sys {
+                call,
+                backing,
+                bytes: mapped,
+                source,
+            }
+        };
+        let len_usize = usize::try_from(mapped).map_err(|_| MemoryError::Unsupported {
+            backing,
+            reason: format!("{mapped} bytes do not fit the address space"),
+        })?;
+        let (ptr, fd) = match backing {
+            Backing::Anon | Backing::Hugetlb2M | Backing::Hugetlb1G | Backing::Shmem => {
+                let mut flags = libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+                flags |= if backing == Backing::Shmem {
+                    libc::MAP_SHARED
+                } else {
+                    libc::MAP_PRIVATE
+                };
+                if backing == Backing::Hugetlb2M {
+                    flags |= libc::MAP_HUGETLB | libc::MAP_HUGE_2MB;
+                }
+                if backing == Backing::Hugetlb1G {
+                    flags |= libc::MAP_HUGETLB | libc::MAP_HUGE_1GB;
+                }
+                (mmap(len_usize, flags, None).map_err(sys("mmap"))?, None)
+            }
+            Backing::Thp => (mmap_aligned(len_usize, HUGE_2M).map_err(sys("mmap"))?, None),
+            Backing::Memfd | Backing::MemfdHugetlb2M => {
+                let fd = memfd(backing, mapped).map_err(sys("memfd_create/ftruncate"))?;
+                let ptr = mmap(len_usize, libc::MAP_SHARED, Some(&fd)).map_err(sys("mmap"))?;
+                (ptr, Some(fd))
+            }
+        };
+        let memory = Self {
+            ptr,
+            len: bytes,
+            mapped,
+            backing,
+            _fd: fd,
+            _reservation: reservation,
+        };
+        match backing {
+            Backing::Anon => memory
+                .advise(libc::MADV_NOHUGEPAGE)
+                .map_err(sys("madvise"))?,
+            Backing::Thp => memory.advise(libc::MADV_HUGEPAGE).map_err(sys("madvise"))?,
+            _ => {}
+        }
+        Ok(memory)
+    }
+
+    fn advise(&self, advice: libc::c_int) -> io::Result<()> {
+        let len = usize::try_from(self.mapped).map_err(io::Error::other)?;
+        // SAFETY: ptr..ptr+mapped is exactly the mapping this value owns (mapped in `new`).
+        let ret = unsafe { libc::madvise(self.ptr.as_ptr().cast(), len, advice) };
+        if ret == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    /// Fault in every page for writing (`MADV_POPULATE_WRITE`, touching each page where the
+    /// kernel lacks it), so first-touch cost never lands in a timed phase or a guest run.
+    pub fn populate(&self) -> Result<(), MemoryError> {
+        if self.advise(libc::MADV_POPULATE_WRITE).is_ok() {
+            return Ok(());
+        }
+        let step = self.backing.page_bytes();
+        let mut offset = 0;
+        while offset < self.mapped {
+            let value = self.read_u64(offset);
+            self.write_u64(offset, value);
+            offset += step;
+        }
+        Ok(())
+    }
+
+    /// Host address of the first byte (for KVM_SET_USER_MEMORY_REGION).
+    #[must_use]
+    pub fn host_addr(&self) -> u64 {
+        self.ptr.as_ptr() as u64
+    }
+
+    /// Usable bytes.
+    #[must_use]
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True for a zero-byte mapping.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes mapped (len rounded up to the backing's page size).
+    #[must_use]
+    pub fn mapped_len(&self) -> u64 {
+        self.mapped
+    }
+
+    /// The backing.
+    #[must_use]
+    pub fn backing(&self) -> Backing {
+        self.backing
+    }
+
+    /// Pointer to `offset`, after checking `offset + len` is inside the mapping.
+    fn at(&self, offset: u64, len: u64) -> *mut u8 {
+        assert!(
+            offset
+                .checked_add(len)
+                .is_some_and(|end| end <= self.mapped),
+            "guest memory access {offset:#x}+{len:#x} outside a {:#x}-byte mapping",
+            self.mapped
+        );
+        let offset = usize::try_from(offset).unwrap_or(usize::MAX);
+        // SAFETY: the assert above keeps offset..offset+len inside the mapping, so the
+        // resulting pointer stays within (or one past) the same allocation.
+        unsafe { self.ptr.as_ptr().add(offset) }
+    }
+
+    fn atomic(&self, offset: u64) -> &AtomicU64 {
+        assert_eq!(
+            offset % 8,
+            0,
+            "atomic guest memory access at unaligned offset {offset:#x}"
+        );
+        let ptr = self.at(offset, 8).cast::<u64>();
+        // SAFETY: `at` checked the 8 bytes are inside the mapping, the assert checked 8-byte
+        // alignment (the mapping is page aligned), and the mapping outlives `&self`. Concurrent
+        // guest accesses are plain machine loads/stores, which atomics tolerate.
+        unsafe { AtomicU64::from_ptr(ptr) }
+    }
+
+    /// Read 8 bytes at `offset` (volatile).
+    #[must_use]
+    pub fn read_u64(&self, offset: u64) -> u64 {
+        self.atomic(offset).load(Ordering::Relaxed)
+    }
+
+    /// Write 8 bytes at `offset` (volatile).
+    pub fn write_u64(&self, offset: u64, value: u64) {
+        self.atomic(offset).store(value, Ordering::Relaxed);
+    }
+
+    /// Acquire-load 8 bytes at `offset`: pairs with the guest's release store of progress.
+    #[must_use]
+    pub fn load_acquire(&self, offset: u64) -> u64 {
+        self.atomic(offset).load(Ordering::Acquire)
+    }
+
+    /// Release-store 8 bytes at `offset`: what the guest reads after it is seen.
+    pub fn store_release(&self, offset: u64, value: u64) {
+        self.atomic(offset).store(value, Ordering::Release);
+    }
+
+    /// Copy `buf.len()` bytes from `offset` into `buf`.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) {
+        let src = self.at(offset, buf.len() as u64);
+        // SAFETY: `at` checked the source range; `buf` is a distinct host buffer, so the ranges
+        // cannot overlap. The guest may write the source concurrently: the copy then holds
+        // either value for each byte, which is what a tracking oracle must cope with anyway.
+        unsafe { std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), buf.len()) }
+    }
+
+    /// Copy `bytes` into guest memory at `offset`.
+    pub fn write(&self, offset: u64, bytes: &[u8]) {
+        let dst = self.at(offset, bytes.len() as u64);
+        // SAFETY: `at` checked the destination range; `bytes` is a host buffer distinct from
+        // the mapping, so the ranges cannot overlap.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, bytes.len()) }
+    }
+
+    /// Zero `len` bytes at `offset`.
+    pub fn zero(&self, offset: u64, len: u64) {
+        let dst = self.at(offset, len);
+        let len = usize::try_from(len).unwrap_or(0);
+        // SAFETY: `at` checked offset..offset+len lies inside the mapping.
+        unsafe { std::ptr::write_bytes(dst, 0, len) }
+    }
+}
+
+impl Drop for GuestMemory {
+    fn drop(&mut self) {
+        let len = usize::try_from(self.mapped).unwrap_or(0);
+        // SAFETY: ptr/mapped describe the mapping created in `new`, unmapped exactly once here;
+        // no reference into it can outlive `self`.
+        unsafe {
+            libc::munmap(self.ptr.as_ptr().cast(), len);
+        }
+    }
+}
+
+fn mmap(len: usize, flags: libc::c_int, fd: Option<&OwnedFd>) -> io::Result<NonNull<u8>> {
+    let raw_fd = fd.map_or(-1, AsRawFd::as_raw_fd);
+    // SAFETY: a fresh mapping at a kernel-chosen address (no MAP_FIXED) cannot alias any
+    // existing Rust object; the result is checked against MAP_FAILED below.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags,
+            raw_fd,
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        Err(io::Error::last_os_error())
+    } else {
+        NonNull::new(ptr.cast()).ok_or_else(|| io::Error::other("mmap returned NULL"))
+    }
+}
+
+/// Anonymous private mapping of `len` bytes aligned to `align` (over-map, then trim).
+fn mmap_aligned(len: usize, align: u64) -> io::Result<NonNull<u8>> {
+    let align = usize::try_from(align).map_err(io::Error::other)?;
+    let span = len
+        .checked_add(align)
+        .ok_or_else(|| io::Error::other("size overflows"))?;
+    let base = mmap(
+        span,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+        None,
+    )?;
+    let start = base.as_ptr() as usize;
+    let aligned = start.div_ceil(align) * align;
+    let head = aligned - start;
+    let tail = span - head - len;
+    if head > 0 {
+        // SAFETY: `base..base+head` is the start of the fresh `span`-byte mapping, before
+        // `aligned`; nothing refers to it.
+        unsafe { libc::munmap(base.as_ptr().cast(), head) };
+    }
+    if tail > 0 {
+        // SAFETY: `head + len + tail == span`, so this pointer stays inside the fresh mapping.
+        let tail_start = unsafe { base.as_ptr().add(head + len) };
+        // SAFETY: `tail_start..+tail` is the end of the fresh mapping, after `aligned + len`;
+        // nothing refers to it.
+        unsafe { libc::munmap(tail_start.cast(), tail) };
+    }
+    NonNull::new(aligned as *mut u8).ok_or_else(|| io::Error::other("mmap returned NULL"))
+}
+
+fn memfd(backing: Backing, bytes: u64) -> io::Result<OwnedFd> {
+    let mut flags = libc::MFD_CLOEXEC;
+    if backing == Backing::MemfdHugetlb2M {
+        flags |= libc::MFD_HUGETLB | libc::MFD_HUGE_2MB;
+    }
+    // SAFETY: the name is a valid NUL-terminated C string literal; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"trackcheck-guest".as_ptr(), flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by memfd_create (checked non-negative) and is owned by
+    // nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let len = libc::off_t::try_from(bytes).map_err(io::Error::other)?;
+    // SAFETY: ftruncate on the memfd we own; the result is checked.
+    if unsafe { libc::ftruncate(fd.as_raw_fd(), len) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// Hugepages this process added to a pool; returned when dropped.
+#[derive(Debug)]
+pub struct HugetlbReservation {
+    kib: u64,
+    pages: u64,
+    ledger: PathBuf,
+}
+
+/// Where reservation ledgers live: `$TRACKCHECK_STATE_DIR` or `/run/trackcheck`, falling back
+/// to the temp dir when that is not writable.
+fn state_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("TRACKCHECK_STATE_DIR") {
+        return PathBuf::from(dir);
+    }
+    let run = PathBuf::from("/run/trackcheck");
+    if fs::create_dir_all(&run).is_ok() {
+        return run;
+    }
+    std::env::temp_dir().join("trackcheck-state")
+}
+
+/// `/sys/kernel/mm/hugepages/hugepages-<kib>kB/<file>`.
+#[must_use]
+pub fn hugetlb_pool_file(kib: u64, file: &str) -> PathBuf {
+    PathBuf::from(format!("/sys/kernel/mm/hugepages/hugepages-{kib}kB/{file}"))
+}
+
+fn read_number(path: &Path) -> Result<u64, MemoryError> {
+    let text = fs::read_to_string(path).map_err(|source| MemoryError::Pool {
+        path: path.into(),
+        source,
+    })?;
+    text.trim().parse().map_err(|e| MemoryError::Pool {
+        path: path.into(),
+        source: io::Error::new(io::ErrorKind::InvalidData, format!("{text:?}: {e}")),
+    })
+}
+
+fn write_number(path: &Path, value: u64) -> Result<(), MemoryError> {
+    fs::write(path, format!("{value}\n")).map_err(|source| MemoryError::Pool {
+        path: path.into(),
+        source,
+    })
+}
+
+/// Exclusive lock over every process's pool changes (flock on a file in the state dir).
+struct PoolLock(File);
+
+impl PoolLock {
+    fn take(dir: &Path) -> Result<Self, MemoryError> {
+        let pool_err = |source| MemoryError::Pool {
+            path: dir.into(),
+            source,
+        };
+        fs::create_dir_all(dir).map_err(pool_err)?;
+        let path = dir.join("hugetlb.lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|source| MemoryError::Pool {
+                path: path.clone(),
+                source,
+            })?;
+        file.lock()
+            .map_err(|source| MemoryError::Pool { path, source })?;
+        Ok(Self(file))
+    }
+}
+
+impl Drop for PoolLock {
+    fn drop(&mut self) {
+        let _ = self.0.unlock();
+    }
+}
+
+impl HugetlbReservation {
+    /// Grow the `kib` pool by `pages` (after returning the pages of dead processes).
+    pub fn acquire(kib: u64, pages: u64) -> Result<Self, MemoryError> {
+        let nr_path = hugetlb_pool_file(kib, "nr_hugepages");
+        if !nr_path.exists() {
+            let backing = if kib == HUGE_1G / KIB {
+                Backing::Hugetlb1G
+            } else {
+                Backing::Hugetlb2M
+            };
+            return Err(MemoryError::Unsupported {
+                backing,
+                reason: format!("no {kib} KiB hugetlb pool ({} missing)", nr_path.display()),
+            });
+        }
+        let dir = state_dir();
+        let _lock = PoolLock::take(&dir)?;
+        reclaim_dead(&dir)?;
+        let before = read_number(&nr_path)?;
+        write_number(&nr_path, before + pages)?;
+        let after = read_number(&nr_path)?;
+        if after < before + pages {
+            write_number(&nr_path, before)?;
+            return Err(MemoryError::NoHugepages {
+                kib,
+                wanted: pages,
+                got: after.saturating_sub(before),
+            });
+        }
+        let ledger = dir.join(format!(
+            "hugetlb-{kib}-{}-{}.resv",
+            std::process::id(),
+            next_ledger_id()
+        ));
+        if let Err(e) = fs::write(&ledger, format!("{kib} {pages}\n")) {
+            write_number(&nr_path, before)?;
+            return Err(MemoryError::Pool {
+                path: ledger,
+                source: e,
+            });
+        }
+        Ok(Self { kib, pages, ledger })
+    }
+
+    /// Pages reserved.
+    #[must_use]
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+}
+
+impl Drop for HugetlbReservation {
+    fn drop(&mut self) {
+        let dir = self
+            .ledger
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(state_dir);
+        let Ok(_lock) = PoolLock::take(&dir) else {
+            return;
+        };
+        give_back(self.kib, self.pages);
+        let _ = fs::remove_file(&self.ledger);
+    }
+}
+
+fn give_back(kib: u64, pages: u64) {
+    let nr_path = hugetlb_pool_file(kib, "nr_hugepages");
+    if let Ok(now) = read_number(&nr_path) {
+        let _ = write_number(&nr_path, now.saturating_sub(pages));
+    }
+}
+
+fn next_ledger_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Return the pages of reservations whose process no longer exists. Call with the lock held.
+fn reclaim_dead(dir: &Path) -> Result<(), MemoryError> {
+    let entries = fs::read_dir(dir).map_err(|source| MemoryError::Pool {
+        path: dir.into(),
+        source,
+    })?;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name
+            .strip_prefix("hugetlb-")
+            .and_then(|r| r.strip_suffix(".resv"))
+        else {
+            continue;
+        };
+        let mut parts = rest.split('-');
+        let (Some(kib), Some(pid)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let (Ok(kib), Ok(pid)) = (kib.parse::<u64>(), pid.parse::<u32>()) else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let pages = fs::read_to_string(entry.path())
+            .ok()
+            .and_then(|t| {
+                t.split_whitespace()
+                    .nth(1)
+                    .and_then(|p| p.parse::<u64>().ok())
+            })
+            .unwrap_or(0);
+        give_back(kib, pages);
+        let _ = fs::remove_file(entry.path());
+    }
+    Ok(())
+}
+
+/// Total bytes of `[host_addr, host_addr + len)` that this process has mapped with transparent
+/// huge pages right now (`AnonHugePages` in /proc/self/smaps), to prove a THP backing really got
+/// huge pages.
+#[must_use]
+pub fn thp_bytes_in(host_addr: u64, len: u64) -> u64 {
+    let Ok(smaps) = fs::read_to_string("/proc/self/smaps") else {
+        return 0;
+    };
+    let end = host_addr + len;
+    let mut in_range = false;
+    let mut total = 0;
+    for line in smaps.lines() {
+        if let Some((range, _)) = line.split_once(' ')
+            && let Some((lo, hi)) = range.split_once('-')
+            && let (Ok(lo), Ok(hi)) = (u64::from_str_radix(lo, 16), u64::from_str_radix(hi, 16))
+        {
+            in_range = lo < end && hi > host_addr;
+            continue;
+        }
+        if in_range && let Some(kb) = line.strip_prefix("AnonHugePages:") {
+            total += kb
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .unwrap_or(0)
+                * KIB;
+        }
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for b in Backing::ALL {
+            assert_eq!(b.name().parse::<Backing>(), Ok(b));
+        }
+        assert!("huge".parse::<Backing>().unwrap_err().contains("anon, thp"));
+    }
+
+    #[test]
+    fn anon_memory_reads_back_what_was_written() {
+        let mem = GuestMemory::new(Backing::Anon, 3 * 4096 + 100).expect("maps");
+        assert_eq!(mem.mapped_len(), 4 * 4096);
+        mem.populate().expect("populates");
+        mem.write_u64(8, 0xdead_beef);
+        mem.store_release(16, 7);
+        assert_eq!(mem.read_u64(8), 0xdead_beef);
+        assert_eq!(mem.load_acquire(16), 7);
+        mem.write(4096, b"hello");
+        let mut buf = [0u8; 5];
+        mem.read(4096, &mut buf);
+        assert_eq!(&buf, b"hello");
+        mem.zero(4096, 4096);
+        mem.read(4096, &mut buf);
+        assert_eq!(buf, [0; 5]);
+    }
+
+    #[test]
+    #[should_panic(expected = "outside")]
+    fn out_of_bounds_access_is_caught() {
+        let mem = GuestMemory::new(Backing::Anon, 4096).expect("maps");
+        let _ = mem.read_u64(4096);
+    }
+
+    #[test]
+    fn thp_and_memfd_map_aligned() {
+        let thp = GuestMemory::new(Backing::Thp, 4 << 20).expect("maps");
+        assert_eq!(thp.host_addr() % HUGE_2M, 0);
+        let memfd = GuestMemory::new(Backing::Memfd, 8192).expect("maps");
+        memfd.write_u64(4096, 1);
+        assert_eq!(memfd.read_u64(4096), 1);
+    }
+
+    #[test]
+    fn dead_reservations_are_reclaimed_and_garbage_is_ignored() {
+        let dir = std::env::temp_dir().join(format!("trackcheck-ledger-{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("dir");
+        // pid 0x7fffffff never exists; kib 3 has no pool, so give_back is a no-op read failure.
+        let stale = dir.join("hugetlb-3-2147483647-0.resv");
+        fs::write(&stale, "3 5\n").expect("write");
+        let garbage = dir.join("hugetlb-x.resv");
+        fs::write(&garbage, "?").expect("write");
+        reclaim_dead(&dir).expect("reclaims");
+        assert!(!stale.exists(), "a dead process's ledger is removed");
+        assert!(garbage.exists(), "unparseable names are left alone");
+        fs::remove_dir_all(&dir).expect("cleanup");
+    }
+}

@@ -1,0 +1,114 @@
+//! Raw kernel interfaces that kvm-ioctls lacks, one level below meaning: each call returns the
+//! errno and the layer above says what it means (STYLE.md §2).
+//!
+//! - [`stats`]: KVM binary statistics (`KVM_GET_STATS_FD`) on VM and vCPU fds.
+//! - [`uffd`]: userfaultfd feature probe.
+//! - [`pagemap`]: `PAGEMAP_SCAN` probe on `/proc/self/pagemap`.
+//! - [`kick`]: the signal that kicks a vCPU thread out of `KVM_RUN`.
+
+pub mod kick;
+pub mod pagemap;
+pub mod stats;
+pub mod uffd;
+
+use kvm_ioctls::Kvm;
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// Environment variable naming the KVM device to open instead of `/dev/kvm` (tests use it to
+/// check the hints for a missing or unreadable device).
+pub const KVM_DEVICE_ENV: &str = "TRACKCHECK_KVM_DEVICE";
+
+/// Why KVM cannot be used; the message says what to do about it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize)]
+pub enum KvmUnavailable {
+    /// The device node does not exist.
+    #[error(
+        "{path}: no such device: KVM is not available on this host (is the kvm module and a \
+         backend such as kvm_intel, kvm_amd or kvm_pvm loaded? inside a VM, is nested \
+         virtualization enabled?)"
+    )]
+    Missing {
+        /// Device path tried.
+        path: PathBuf,
+    },
+    /// Permission denied.
+    #[error(
+        "{path}: permission denied: run as root, or add your user to the group that owns \
+         {path} (usually 'kvm') and log in again"
+    )]
+    Denied {
+        /// Device path tried.
+        path: PathBuf,
+    },
+    /// Anything else, with the errno text.
+    #[error("{path}: {error}")]
+    Other {
+        /// Device path tried.
+        path: PathBuf,
+        /// The error.
+        error: String,
+    },
+}
+
+impl KvmUnavailable {
+    /// Classify an open error for `path`.
+    #[must_use]
+    pub fn from_io(path: &Path, error: &io::Error) -> Self {
+        let path = path.to_path_buf();
+        match error.kind() {
+            io::ErrorKind::NotFound => Self::Missing { path },
+            io::ErrorKind::PermissionDenied => Self::Denied { path },
+            _ => Self::Other {
+                path,
+                error: error.to_string(),
+            },
+        }
+    }
+}
+
+/// The KVM device path: `$TRACKCHECK_KVM_DEVICE` or `/dev/kvm`.
+#[must_use]
+pub fn kvm_device_path() -> PathBuf {
+    std::env::var_os(KVM_DEVICE_ENV).map_or_else(|| PathBuf::from("/dev/kvm"), PathBuf::from)
+}
+
+/// Open KVM, with an actionable error when it cannot be opened.
+pub fn open_kvm() -> Result<Kvm, KvmUnavailable> {
+    let path = kvm_device_path();
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
+        KvmUnavailable::Other {
+            path: path.clone(),
+            error: "path contains a NUL byte".into(),
+        }
+    })?;
+    Kvm::new_with_path(&c_path)
+        .map_err(|e| KvmUnavailable::from_io(&path, &io::Error::from_raw_os_error(e.errno())))
+}
+
+/// Text for an errno returned by a KVM ioctl, with the EIO hint from STYLE.md: KVM answers EIO
+/// when it has marked the VM dead (a KVM_BUG_ON or an internal error).
+#[must_use]
+pub fn errno_text(errno: i32) -> String {
+    let base = io::Error::from_raw_os_error(errno).to_string();
+    if errno == libc::EIO {
+        format!("{base} (KVM marked the VM dead: see dmesg for a KVM_BUG_ON or WARN)")
+    } else {
+        base
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_errors_give_hints() {
+        let p = Path::new("/dev/kvm");
+        let missing = KvmUnavailable::from_io(p, &io::Error::from_raw_os_error(libc::ENOENT));
+        assert!(missing.to_string().contains("kvm module"));
+        let denied = KvmUnavailable::from_io(p, &io::Error::from_raw_os_error(libc::EACCES));
+        assert!(denied.to_string().contains("run as root"));
+        assert!(errno_text(libc::EIO).contains("dmesg"));
+    }
+}

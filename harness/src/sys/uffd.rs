@@ -1,0 +1,122 @@
+//! userfaultfd: open a descriptor and ask the kernel which features it offers.
+//!
+//! The Debian headers on some build hosts predate WP_ASYNC, so the feature bits and ioctl
+//! numbers are spelled out here from include/uapi/linux/userfaultfd.h.
+
+use std::fs::OpenOptions;
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
+
+use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_val};
+use vmm_sys_util::{ioctl_io_nr, ioctl_iowr_nr};
+
+/// `UFFD_API`.
+pub const UFFD_API: u64 = 0xAA;
+const UFFDIO: u32 = 0xAA;
+
+ioctl_iowr_nr!(UFFDIO_API, UFFDIO, 0x3F, UffdioApi);
+ioctl_io_nr!(USERFAULTFD_IOC_NEW, UFFDIO, 0x00);
+
+/// `struct uffdio_api`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct UffdioApi {
+    /// Must be [`UFFD_API`].
+    pub api: u64,
+    /// In: features wanted; out: features offered.
+    pub features: u64,
+    /// Out: ioctls offered.
+    pub ioctls: u64,
+}
+
+/// Feature bits and their names, in bit order.
+pub const FEATURES: &[(u64, &str)] = &[
+    (1 << 0, "PAGEFAULT_FLAG_WP"),
+    (1 << 1, "EVENT_FORK"),
+    (1 << 2, "EVENT_REMAP"),
+    (1 << 3, "EVENT_REMOVE"),
+    (1 << 4, "MISSING_HUGETLBFS"),
+    (1 << 5, "MISSING_SHMEM"),
+    (1 << 6, "EVENT_UNMAP"),
+    (1 << 7, "SIGBUS"),
+    (1 << 8, "THREAD_ID"),
+    (1 << 9, "MINOR_HUGETLBFS"),
+    (1 << 10, "MINOR_SHMEM"),
+    (1 << 11, "EXACT_ADDRESS"),
+    (1 << 12, "WP_HUGETLBFS_SHMEM"),
+    (1 << 13, "WP_UNPOPULATED"),
+    (1 << 14, "POISON"),
+    (1 << 15, "WP_ASYNC"),
+    (1 << 16, "MOVE"),
+];
+
+/// `UFFD_FEATURE_PAGEFAULT_FLAG_WP`: write-protect faults.
+pub const FEATURE_WP: u64 = 1 << 0;
+/// `UFFD_FEATURE_WP_HUGETLBFS_SHMEM`.
+pub const FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
+/// `UFFD_FEATURE_WP_UNPOPULATED`.
+pub const FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+/// `UFFD_FEATURE_WP_ASYNC`.
+pub const FEATURE_WP_ASYNC: u64 = 1 << 15;
+
+/// Names of the bits set in `features`.
+#[must_use]
+pub fn feature_names(features: u64) -> Vec<String> {
+    FEATURES
+        .iter()
+        .filter(|(bit, _)| features & bit != 0)
+        .map(|(_, n)| (*n).to_string())
+        .collect()
+}
+
+/// Open a userfaultfd: the syscall first, then /dev/userfaultfd (which works where
+/// vm.unprivileged_userfaultfd forbids the syscall).
+pub fn open() -> io::Result<OwnedFd> {
+    let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
+    // SAFETY: userfaultfd(2) takes only flags and returns a new fd or -1; checked below.
+    let ret = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
+    if ret >= 0 {
+        let fd = i32::try_from(ret).map_err(io::Error::other)?;
+        // SAFETY: `fd` is a fresh descriptor returned by the kernel (checked non-negative),
+        // owned by nothing else.
+        return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+    }
+    let syscall_error = io::Error::last_os_error();
+    let Ok(dev) = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/userfaultfd")
+    else {
+        return Err(syscall_error);
+    };
+    // SAFETY: USERFAULTFD_IOC_NEW takes the open flags by value and returns a new fd or -1.
+    let ret = unsafe { ioctl_with_val(&dev, USERFAULTFD_IOC_NEW(), flags as libc::c_ulong) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `ret` is a fresh descriptor returned by the kernel (checked non-negative).
+    Ok(unsafe { OwnedFd::from_raw_fd(ret) })
+}
+
+/// Handshake on `fd` asking for `features`; returns what the kernel offers.
+pub fn api(fd: &OwnedFd, features: u64) -> io::Result<UffdioApi> {
+    let mut arg = UffdioApi {
+        api: UFFD_API,
+        features,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_API reads and writes exactly one `struct uffdio_api`, which `arg` is
+    // (repr(C), three u64); `fd` is a live userfaultfd.
+    let ret = unsafe { ioctl_with_mut_ref(fd, UFFDIO_API(), &mut arg) };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(arg)
+    }
+}
+
+/// The features this kernel offers (a throwaway descriptor is opened and handshaken).
+pub fn probe_features() -> io::Result<u64> {
+    let fd = open()?;
+    Ok(api(&fd, 0)?.features)
+}

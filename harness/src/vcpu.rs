@@ -1,0 +1,431 @@
+//! vCPUs: the exit protocol and the watchdog.
+//!
+//! A guest talks to the host only through doorbell writes (KVM_EXIT_MMIO at
+//! [`DOORBELL_GPA`]): `SYNC` ends a run segment at a sync point, `DONE` ends the program.
+//! Everything else is unexplained; more than [`RunLimits::exit_storm`] unexplained exits in one
+//! segment is a livelock.
+//!
+//! Every `KVM_RUN` is bounded. A group of vCPUs runs on scoped threads, one per vCPU, while a
+//! watchdog thread waits for them; past the deadline it sets `immediate_exit` for each vCPU still
+//! running and sends it the kick signal, every few milliseconds until the thread reports back
+//! (so a signal that lands just before the thread re-enters `KVM_RUN` is not lost). A kicked
+//! vCPU returns a [`RunFailure`] naming the vCPU, the last exit, the PC and how long it ran.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use trackcheck_guests::layout::{DOORBELL_GPA, doorbell};
+
+use crate::arch;
+use crate::sys::stats::{StatsFd, StatsSnapshot};
+use crate::sys::{errno_text, kick};
+
+/// How a run segment ended normally.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// The guest reached `Sync(n)`.
+    Sync(u32),
+    /// The guest finished; `last_seq` is its last write's sequence number.
+    Done {
+        /// Last sequence number used.
+        last_seq: u64,
+    },
+}
+
+/// Bounds on one run segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RunLimits {
+    /// Longest a segment may take before the watchdog kicks the vCPU out.
+    pub watchdog: Duration,
+    /// Most unexplained exits (not a doorbell) in one segment before it counts as a livelock.
+    pub exit_storm: u64,
+}
+
+impl Default for RunLimits {
+    fn default() -> Self {
+        Self {
+            watchdog: Duration::from_secs(20),
+            exit_storm: 10_000,
+        }
+    }
+}
+
+/// What went wrong in a run segment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FailureKind {
+    /// No doorbell before the deadline.
+    Watchdog {
+        /// The deadline.
+        limit: Duration,
+    },
+    /// Too many unexplained exits: a livelock.
+    ExitStorm {
+        /// Unexplained exits counted.
+        count: u64,
+    },
+    /// KVM_EXIT_SHUTDOWN (a triple fault, or an instruction PVM cannot deliver at CPL3).
+    Shutdown,
+    /// KVM_EXIT_INTERNAL_ERROR.
+    InternalError {
+        /// `kvm_run.internal.suberror`.
+        suberror: u32,
+    },
+    /// KVM_EXIT_FAIL_ENTRY.
+    FailEntry {
+        /// Hardware entry failure reason.
+        reason: u64,
+    },
+    /// An exit this protocol never produces.
+    Unexpected,
+    /// KVM_RUN itself failed.
+    Ioctl {
+        /// errno text.
+        text: String,
+    },
+}
+
+/// A run segment that did not end at a doorbell.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunFailure {
+    /// vCPU index.
+    pub vcpu: usize,
+    /// What happened.
+    pub kind: FailureKind,
+    /// Guest PC when it stopped, if the registers could be read.
+    pub pc: Option<u64>,
+    /// Guest privilege level when it stopped.
+    pub cpl: Option<u8>,
+    /// The last exit seen, described.
+    pub last_exit: String,
+    /// Exits in the segment.
+    pub exits: u64,
+    /// How long the segment ran.
+    pub elapsed: Duration,
+    /// Where the PC is, in program terms, and the instruction there (filled in by the
+    /// machine, which knows the code).
+    pub context: String,
+}
+
+impl std::fmt::Display for RunFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = match &self.kind {
+            FailureKind::Watchdog { limit } => {
+                format!("no doorbell within {:.1}s (watchdog)", limit.as_secs_f64())
+            }
+            FailureKind::ExitStorm { count } => {
+                format!("livelock: {count} exits without reaching a doorbell")
+            }
+            FailureKind::Shutdown => {
+                "shutdown (triple fault, or an instruction PVM cannot deliver at CPL3)".into()
+            }
+            FailureKind::InternalError { suberror } => {
+                format!("KVM internal error, suberror {suberror}")
+            }
+            FailureKind::FailEntry { reason } => format!("VM entry failed, reason {reason:#x}"),
+            FailureKind::Unexpected => "unexpected exit".into(),
+            FailureKind::Ioctl { text } => format!("KVM_RUN failed: {text}"),
+        };
+        write!(
+            f,
+            "vCPU {}: {what}; last exit {}, {} exits in {:.3}s",
+            self.vcpu,
+            self.last_exit,
+            self.exits,
+            self.elapsed.as_secs_f64()
+        )?;
+        if let Some(pc) = self.pc {
+            write!(f, ", pc {pc:#x}")?;
+        }
+        if let Some(cpl) = self.cpl {
+            write!(f, " (CPL{cpl})")?;
+        }
+        if !self.context.is_empty() {
+            write!(f, ", {}", self.context)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for RunFailure {}
+
+/// One vCPU.
+#[derive(Debug)]
+pub struct Vcpu {
+    id: usize,
+    fd: VcpuFd,
+    stats: Option<StatsFd>,
+}
+
+/// Per-vCPU state shared with the watchdog.
+#[derive(Debug, Default)]
+struct Kick {
+    requested: AtomicBool,
+    started: AtomicBool,
+    thread: AtomicU64,
+}
+
+/// What the vCPU thread saw on one exit, with the borrow of the run struct released.
+enum Seen {
+    Stop(Stop),
+    Unexplained(String),
+    Fail(FailureKind, String),
+    Interrupted,
+}
+
+impl Vcpu {
+    /// Wrap vCPU fd `fd` with index `id`.
+    #[must_use]
+    pub fn new(id: usize, fd: VcpuFd) -> Self {
+        let stats = StatsFd::open(&fd, &format!("vCPU {id}")).ok();
+        Self { id, fd, stats }
+    }
+
+    /// Index.
+    #[must_use]
+    pub fn id(&self) -> usize {
+        self.id
+    }
+
+    /// The fd, for register setup.
+    #[must_use]
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// Binary stats now (empty if the kernel has no stats fd).
+    #[must_use]
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats
+            .as_ref()
+            .and_then(|s| s.snapshot().ok())
+            .unwrap_or_default()
+    }
+
+    /// Enter KVM_RUN once with `immediate_exit` set, so any I/O the last exit left pending is
+    /// completed before registers are replaced.
+    pub fn settle(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        let _ = self.fd.run();
+        self.fd.set_kvm_immediate_exit(0);
+    }
+
+    fn see(&mut self) -> Seen {
+        match self.fd.run() {
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                let mut bytes = [0u8; 8];
+                let n = data.len().min(8);
+                bytes[..n].copy_from_slice(&data[..n]);
+                let value = u64::from_le_bytes(bytes);
+                if addr == DOORBELL_GPA + doorbell::SYNC {
+                    Seen::Stop(Stop::Sync(u32::try_from(value).unwrap_or(u32::MAX)))
+                } else if addr == DOORBELL_GPA + doorbell::DONE {
+                    Seen::Stop(Stop::Done { last_seq: value })
+                } else {
+                    Seen::Unexplained(format!("MMIO write {addr:#x} value {value:#x}"))
+                }
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                data.fill(0);
+                Seen::Unexplained(format!("MMIO read {addr:#x}"))
+            }
+            Ok(VcpuExit::IoOut(port, _)) => Seen::Unexplained(format!("port write {port:#x}")),
+            Ok(VcpuExit::IoIn(port, data)) => {
+                data.fill(0);
+                Seen::Unexplained(format!("port read {port:#x}"))
+            }
+            Ok(VcpuExit::Intr) => Seen::Interrupted,
+            Ok(VcpuExit::Shutdown) => Seen::Fail(FailureKind::Shutdown, "SHUTDOWN".into()),
+            Ok(VcpuExit::InternalError) => {
+                // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the union
+                // member the kernel filled in.
+                let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                Seen::Fail(
+                    FailureKind::InternalError { suberror },
+                    "INTERNAL_ERROR".into(),
+                )
+            }
+            Ok(VcpuExit::FailEntry(reason, _)) => {
+                Seen::Fail(FailureKind::FailEntry { reason }, "FAIL_ENTRY".into())
+            }
+            Ok(other) => {
+                let name = format!("{other:?}");
+                Seen::Fail(FailureKind::Unexpected, name)
+            }
+            Err(e) if e.errno() == libc::EINTR => Seen::Interrupted,
+            Err(e) if e.errno() == libc::EAGAIN => Seen::Unexplained("EAGAIN".into()),
+            Err(e) => Seen::Fail(
+                FailureKind::Ioctl {
+                    text: errno_text(e.errno()),
+                },
+                "KVM_RUN error".into(),
+            ),
+        }
+    }
+
+    fn run_to_stop(&mut self, limits: RunLimits, kick: &Kick) -> Result<Stop, RunFailure> {
+        let start = Instant::now();
+        let mut exits = 0u64;
+        let mut unexplained = 0u64;
+        let mut last_exit = String::from("none");
+        loop {
+            if kick.requested.load(Ordering::Acquire) {
+                self.fd.set_kvm_immediate_exit(1);
+            }
+            let seen = self.see();
+            exits += 1;
+            let kind = match seen {
+                Seen::Stop(stop) => return Ok(stop),
+                Seen::Unexplained(what) => {
+                    last_exit = what;
+                    unexplained += 1;
+                    if unexplained < limits.exit_storm {
+                        continue;
+                    }
+                    FailureKind::ExitStorm { count: unexplained }
+                }
+                Seen::Interrupted => {
+                    if !kick.requested.load(Ordering::Acquire) {
+                        continue; // a stray signal: run on
+                    }
+                    self.fd.set_kvm_immediate_exit(0);
+                    FailureKind::Watchdog {
+                        limit: limits.watchdog,
+                    }
+                }
+                Seen::Fail(kind, what) => {
+                    last_exit = what;
+                    kind
+                }
+            };
+            let (pc, cpl) = arch::pc_and_cpl(&self.fd).unzip();
+            return Err(RunFailure {
+                vcpu: self.id,
+                kind,
+                pc,
+                cpl,
+                last_exit,
+                exits,
+                elapsed: start.elapsed(),
+                context: String::new(),
+            });
+        }
+    }
+}
+
+/// What the host closure of [`run_group`] can see while the vCPUs run.
+#[derive(Debug)]
+pub struct GroupMonitor<'a> {
+    state: &'a GroupState,
+}
+
+impl GroupMonitor<'_> {
+    /// How many vCPUs have not reported back yet.
+    #[must_use]
+    pub fn running(&self) -> usize {
+        self.state
+            .results
+            .lock()
+            .map_or(0, |r| r.iter().filter(|x| x.is_none()).count())
+    }
+}
+
+#[derive(Debug)]
+struct GroupState {
+    results: Mutex<Vec<Option<Result<Stop, RunFailure>>>>,
+    changed: Condvar,
+}
+
+const KICK_INTERVAL: Duration = Duration::from_millis(5);
+
+/// Run every vCPU in `vcpus` until it rings a doorbell or fails, each on its own thread, while
+/// `host` runs on the calling thread (use it to harvest concurrently; pass `|_| ()` for a plain
+/// stepped run). Returns `host`'s result and one result per vCPU, in order.
+pub fn run_group<R>(
+    vcpus: &mut [&mut Vcpu],
+    limits: RunLimits,
+    host: impl FnOnce(&GroupMonitor<'_>) -> R,
+) -> (R, Vec<Result<Stop, RunFailure>>) {
+    let n = vcpus.len();
+    let state = GroupState {
+        results: Mutex::new(vec![None; n]),
+        changed: Condvar::new(),
+    };
+    let kicks: Vec<Kick> = (0..n).map(|_| Kick::default()).collect();
+    let signal_ok = kick::signal();
+    let host_result = std::thread::scope(|scope| {
+        for (i, vcpu) in vcpus.iter_mut().enumerate() {
+            let (state, kick) = (&state, &kicks[i]);
+            scope.spawn(move || {
+                kick.thread.store(kick::current_thread(), Ordering::Release);
+                kick.started.store(true, Ordering::Release);
+                let result = vcpu.run_to_stop(limits, kick);
+                if let Ok(mut results) = state.results.lock() {
+                    results[i] = Some(result);
+                }
+                state.changed.notify_all();
+            });
+        }
+        // The watchdog.
+        scope.spawn(|| {
+            let deadline = Instant::now() + limits.watchdog;
+            let Ok(mut results) = state.results.lock() else {
+                return;
+            };
+            loop {
+                if results.iter().all(Option::is_some) {
+                    return;
+                }
+                let now = Instant::now();
+                if now < deadline {
+                    results = match state.changed.wait_timeout(results, deadline - now) {
+                        Ok((r, _)) => r,
+                        Err(_) => return,
+                    };
+                    continue;
+                }
+                for (i, k) in kicks.iter().enumerate() {
+                    if results[i].is_none() {
+                        k.requested.store(true, Ordering::Release);
+                        if signal_ok.is_ok() && k.started.load(Ordering::Acquire) {
+                            // SAFETY: the thread stored its own id before setting `started`,
+                            // and it cannot have been joined: joins happen at the end of this
+                            // scope, which waits for this watchdog thread too.
+                            let _ = unsafe { kick::kick(k.thread.load(Ordering::Acquire)) };
+                        }
+                    }
+                }
+                results = match state.changed.wait_timeout(results, KICK_INTERVAL) {
+                    Ok((r, _)) => r,
+                    Err(_) => return,
+                };
+            }
+        });
+        host(&GroupMonitor { state: &state })
+    });
+    let results = state
+        .results
+        .into_inner()
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            r.unwrap_or_else(|| {
+                Err(RunFailure {
+                    vcpu: vcpus[i].id,
+                    kind: FailureKind::Ioctl {
+                        text: "vCPU thread panicked".into(),
+                    },
+                    pc: None,
+                    cpl: None,
+                    last_exit: "none".into(),
+                    exits: 0,
+                    elapsed: Duration::ZERO,
+                    context: String::new(),
+                })
+            })
+        })
+        .collect();
+    (host_result, results)
+}
