@@ -121,7 +121,7 @@ impl GuestPageSize {
 
 impl std::fmt::Display for GuestPageSize {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
+        f.pad(self.name())
     }
 }
 

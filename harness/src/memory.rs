@@ -102,7 +102,7 @@ impl Backing {
 
 impl std::fmt::Display for Backing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
+        f.pad(self.name())
     }
 }
 
@@ -476,12 +476,10 @@ pub struct HugetlbReservation {
     ledger: PathBuf,
 }
 
-/// Where reservation ledgers live: `$TRACKCHECK_STATE_DIR` or `/run/trackcheck`, falling back
-/// to the temp dir when that is not writable.
-fn state_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("TRACKCHECK_STATE_DIR") {
-        return PathBuf::from(dir);
-    }
+/// Where reservation ledgers and their lock live: `/run/trackcheck`, or the temp dir when that
+/// is not writable. One place for every process, so one lock serialises all pool changes.
+#[must_use]
+pub fn state_dir() -> PathBuf {
     let run = PathBuf::from("/run/trackcheck");
     if fs::create_dir_all(&run).is_ok() {
         return run;

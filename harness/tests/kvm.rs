@@ -3,18 +3,32 @@
 //! the watchdog ends misbehaving guests in bounded time, machines are reusable, every backing
 //! works. Trials that cannot run here are ignored with the reason on stderr.
 
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use libtest_mimic::{Arguments, Failed, Trial};
+use trackcheck_guests::GuestPageSize;
 use trackcheck_guests::layout::PAGE_SIZE;
 use trackcheck_guests::sim::{ThreadEvents, segments};
 use trackcheck_guests::{Access, Event, Misbehaviour, Op, PageSeq, Program, Repeat, Thread, stamp};
 use trackcheck_harness::machine::VcpuState;
+use trackcheck_harness::memory::{HugetlbReservation, hugetlb_pool_file, state_dir, thp_bytes_in};
 use trackcheck_harness::support::{backing_support, mode_support};
 use trackcheck_harness::vcpu::FailureKind;
+use trackcheck_harness::vm::VmError;
 use trackcheck_harness::{
-    Backing, ExecutionMode, HostProfile, Machine, MachineConfig, MachineError, Stop,
+    Backing, ExecutionMode, GuestMemory, HostProfile, Machine, MachineConfig, MachineError, Stop,
+    Vm,
 };
+
+/// Trials that change a hugetlb pool run one at a time in this process (and, under nextest, in
+/// the `hugetlb` test group with one thread): they compare pool sizes before and after.
+static HUGETLB: Mutex<()> = Mutex::new(());
+
+/// Environment variable that makes this binary act as a child process for a trial.
+const CHILD: &str = "TRACKCHECK_TEST_CHILD";
 
 type Check = Result<(), Failed>;
 
@@ -371,6 +385,213 @@ fn backing_trial(backing: Backing) -> Check {
     check_memory(&m, &program)
 }
 
+fn memslot_operations() -> Check {
+    let mut vm = Vm::new()?;
+    let pages = 64u64;
+    let mem = GuestMemory::new(Backing::Anon, pages * PAGE_SIZE)?;
+    mem.populate()?;
+    let size = usize::try_from(pages * PAGE_SIZE)?;
+    vm.add_slot(5, 0x1000_0000, mem, None, 0)?;
+    ensure(vm.fd().get_dirty_log(5, size).is_err(), || {
+        "KVM_GET_DIRTY_LOG succeeded on a slot without logging".into()
+    })?;
+    vm.set_dirty_logging(5, true)?;
+    ensure(vm.slot(5)?.logging(), || "logging flag not recorded".into())?;
+    let bitmap = vm.fd().get_dirty_log(5, size)?;
+    ensure(bitmap.len() == 1 && bitmap[0] == 0, || {
+        format!("fresh slot reports dirty pages: {bitmap:x?}")
+    })?;
+    vm.move_slot(5, 0x2000_0000)?;
+    ensure(
+        vm.slot_at(0x2000_0000).is_some_and(|s| s.id == 5) && vm.slot_at(0x1000_0000).is_none(),
+        || "move not recorded".into(),
+    )?;
+    vm.set_dirty_logging(5, false)?;
+    ensure(!vm.slot(5)?.logging(), || {
+        "logging still recorded as on".into()
+    })?;
+    let slot = vm.delete_slot(5)?;
+    ensure(vm.slot(5).is_err(), || "deleted slot still listed".into())?;
+    vm.add_slot(5, 0x1000_0000, slot.memory, None, 0)?;
+    let dup = GuestMemory::new(Backing::Anon, PAGE_SIZE)?;
+    ensure(
+        matches!(
+            vm.add_slot(5, 0x3000_0000, dup, None, 0),
+            Err(VmError::Slot { slot: 5, .. })
+        ),
+        || "duplicate slot id accepted".into(),
+    )?;
+    let overlap = GuestMemory::new(Backing::Anon, PAGE_SIZE)?;
+    let err = vm
+        .add_slot(6, 0x1000_0000, overlap, None, 0)
+        .err()
+        .ok_or("overlapping slot accepted")?;
+    let text = err.to_string();
+    ensure(
+        text.contains("KVM_SET_USER_MEMORY_REGION slot 6") && text.contains("gpa 0x10000000"),
+        || format!("error does not name the ioctl and slot: {text}"),
+    )?;
+    let stats = vm.stats();
+    ensure(stats.get("pages_4k").is_some(), || {
+        format!(
+            "VM stats lack pages_4k: {:?}",
+            stats.0.keys().collect::<Vec<_>>()
+        )
+    })
+}
+
+/// Guest 2 MiB mappings of the data region, writing pages that are not the first 4 KiB of
+/// their 2 MiB. With THP backing KVM can map 2 MiB itself; the VM's pages_2m statistic shows
+/// whether it did.
+fn guest_2m_pages(backing: Backing) -> Check {
+    let regions = 8u64;
+    let data_pages = regions * 512;
+    let mut ops = Vec::new();
+    for r in 0..regions {
+        ops.push(Op::Write {
+            page: r * 512 + 7,
+            offset: 0,
+        });
+    }
+    ops.push(Op::Sync(1));
+    for r in 0..regions {
+        ops.push(Op::Write {
+            page: r * 512 + 300 + r,
+            offset: 8,
+        });
+    }
+    let program = Program::new(data_pages, vec![Thread::new(ops)]);
+    let config = MachineConfig {
+        data_pages,
+        backing,
+        guest_page_size: GuestPageSize::Size2M,
+        ..MachineConfig::default()
+    };
+    let mut m = Machine::new(config)?;
+    m.load(&program)?;
+    m.run_to_completion()?;
+    check_memory(&m, &program)?;
+    let stats = m.vm_stats();
+    let thp = thp_bytes_in(m.data().host_addr(), m.data().mapped_len());
+    eprintln!(
+        "{backing} + guest 2M: host THP {} MiB, KVM pages_2m {:?} pages_4k {:?}",
+        thp >> 20,
+        stats.get("pages_2m"),
+        stats.get("pages_4k")
+    );
+    if backing == Backing::Thp && thp >= 2 << 20 {
+        ensure(stats.get("pages_2m").is_some_and(|n| n > 0), || {
+            format!(
+                "THP-backed memory mapped 2 MiB by the guest, but KVM installed no 2 MiB mapping: {stats:?}"
+            )
+        })?;
+    }
+    Ok(())
+}
+
+fn read_pool(kib: u64) -> Result<u64, Failed> {
+    let path = hugetlb_pool_file(kib, "nr_hugepages");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(text.trim().parse()?)
+}
+
+/// A process killed while it holds hugepages leaks them until the next reservation, which
+/// finds its ledger, sees the pid is gone and returns its pages.
+fn killed_process_returns_hugepages() -> Check {
+    let _serial = HUGETLB
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let before = read_pool(2048)?;
+    let mut child = Command::new(std::env::current_exe()?)
+        .env(CHILD, "hold-hugepage")
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().ok_or("no child stdout")?).read_line(&mut line)?;
+    let pid = child.id();
+    ensure(line.trim() == format!("held {pid}"), || {
+        format!("child said {line:?}")
+    })?;
+    let held = read_pool(2048)?;
+    child.kill()?;
+    child.wait()?;
+    let ledger = state_dir().join(format!("hugetlb-2048-{pid}-0.resv"));
+    let after_kill = read_pool(2048)?;
+    ensure(held == before + 1 && after_kill == held, || {
+        format!("pool {before} -> {held} held -> {after_kill} after SIGKILL")
+    })?;
+    ensure(ledger.exists(), || {
+        format!("no ledger {}", ledger.display())
+    })?;
+    drop(HugetlbReservation::acquire(2048, 1)?);
+    let after = read_pool(2048)?;
+    ensure(after == before, || {
+        format!("pool is {after} after reclaim, was {before}: the dead process's page leaked")
+    })?;
+    ensure(!ledger.exists(), || {
+        "ledger of the dead process left behind".into()
+    })
+}
+
+/// Machines open and close fds (VM, vCPUs, stats, memfd); none may outlive them. Runs in a fresh
+/// single-threaded child so no other trial opens fds meanwhile.
+fn no_fd_leak() -> Check {
+    let out = Command::new(std::env::current_exe()?)
+        .env(CHILD, "fd-leak")
+        .output()?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    ensure(out.status.success(), || {
+        format!("fd leak check failed: {text}")
+    })
+}
+
+fn child_main(role: &str) -> Result<(), Box<dyn std::error::Error>> {
+    match role {
+        "hold-hugepage" => {
+            let _held = HugetlbReservation::acquire(2048, 1)?;
+            println!("held {}", std::process::id());
+            std::thread::sleep(Duration::from_secs(120));
+            Ok(())
+        }
+        "fd-leak" => {
+            let count = || {
+                std::fs::read_dir("/proc/self/fd")
+                    .map(Iterator::count)
+                    .unwrap_or(0)
+            };
+            let program = Program::new(
+                16,
+                vec![Thread::new(vec![Op::Write { page: 3, offset: 0 }]); 2],
+            );
+            let cycle = |backing| -> Result<(), Box<dyn std::error::Error>> {
+                let mut m = Machine::new(MachineConfig {
+                    vcpus: 2,
+                    data_pages: 16,
+                    backing,
+                    ..MachineConfig::default()
+                })?;
+                m.load(&program)?;
+                m.run_to_completion()?;
+                Ok(())
+            };
+            cycle(Backing::Memfd)?; // warm up once-per-process state (signal handler, ...)
+            let before = count();
+            for backing in [Backing::Anon, Backing::Memfd, Backing::Shmem] {
+                cycle(backing)?;
+            }
+            let after = count();
+            if before == after {
+                println!("fds: {before} before, {after} after");
+                Ok(())
+            } else {
+                Err(format!("fds: {before} before, {after} after three machines").into())
+            }
+        }
+        other => Err(format!("unknown child role {other}").into()),
+    }
+}
+
 fn kvm_trials(host: &HostProfile) -> Vec<Trial> {
     let mut trials = Vec::new();
     let mut add = |name: String, skip: Option<String>, f: Box<dyn FnOnce() -> Check + Send>| {
@@ -413,12 +634,59 @@ fn kvm_trials(host: &HostProfile) -> Vec<Trial> {
         let skip = native
             .clone()
             .or_else(|| backing_support(host, backing).reason().map(str::to_string));
+        let serial = backing.hugetlb_kib().is_some();
         add(
             format!("backing::{backing}"),
             skip,
-            Box::new(move || backing_trial(backing)),
+            Box::new(move || {
+                let _serial = serial.then(|| {
+                    HUGETLB
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                });
+                backing_trial(backing)
+            }),
         );
     }
+    for backing in [Backing::Anon, Backing::Thp] {
+        let skip = native
+            .clone()
+            .or_else(|| backing_support(host, backing).reason().map(str::to_string));
+        add(
+            format!("machine::guest_2m_pages::{backing}"),
+            skip,
+            Box::new(move || guest_2m_pages(backing)),
+        );
+    }
+    let kvm_skip = host.kvm().err().map(|e| format!("KVM unavailable: {e}"));
+    add(
+        "vm::memslot_operations".into(),
+        kvm_skip.clone(),
+        Box::new(memslot_operations),
+    );
+    add(
+        "machine::no_fd_leak".into(),
+        native.clone(),
+        Box::new(no_fd_leak),
+    );
+    let is_root = std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false);
+    let hugetlb_skip = if !is_root {
+        Some(
+            "needs root to change /sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages"
+                .to_string(),
+        )
+    } else {
+        backing_support(host, Backing::Hugetlb2M)
+            .reason()
+            .map(str::to_string)
+    };
+    add(
+        "hugetlb::killed_process_returns_pages".into(),
+        hugetlb_skip,
+        Box::new(killed_process_returns_hugepages),
+    );
     trials
 }
 
@@ -429,6 +697,13 @@ fn skips_push(name: &str, reason: &str) {
 }
 
 fn main() {
+    if let Ok(role) = std::env::var(CHILD) {
+        if let Err(e) = child_main(&role) {
+            eprintln!("child {role}: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let args = Arguments::from_args();
     let host = HostProfile::probe();
     let trials = kvm_trials(&host);

@@ -1,0 +1,131 @@
+//! The `trackcheck` binary as a user meets it: output, exit codes and hints.
+#![forbid(unsafe_code)]
+
+use std::process::{Command, Output};
+
+fn trackcheck(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_trackcheck"));
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("trackcheck runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn env_json_is_a_complete_profile() {
+    let out = trackcheck(&["env", "--json"], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
+    assert_eq!(v["host"]["kernel"]["arch"], std::env::consts::ARCH);
+    for m in trackcheck_harness::Mechanism::ALL {
+        let entry = &v["mechanisms"][m.name()];
+        match entry["supported"].as_str() {
+            Some("yes") => {}
+            Some("no") => assert!(
+                entry["reason"].as_str().is_some_and(|r| !r.is_empty()),
+                "{m}: {entry}"
+            ),
+            other => panic!("{m}: supported = {other:?}"),
+        }
+    }
+    for mode in ["native", "emulated"] {
+        assert!(v["modes"][mode]["supported"].is_string(), "{mode}");
+    }
+    // KVM facts or the reason there are none: never both, never neither.
+    assert_ne!(
+        v["host"]["kvm"].is_null(),
+        v["host"]["kvm_unavailable"].is_null()
+    );
+}
+
+#[test]
+fn env_text_lists_every_mechanism() {
+    let out = trackcheck(&["env"], &[]);
+    assert!(out.status.success());
+    let stdout = text(&out.stdout);
+    for m in trackcheck_harness::Mechanism::ALL {
+        assert!(
+            stdout.lines().any(|l| l.trim_start().starts_with(m.name())),
+            "{m} missing:\n{stdout}"
+        );
+    }
+}
+
+#[test]
+fn unknown_flags_and_values_are_usage_errors() {
+    let out = trackcheck(&["env", "--bogus"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("unexpected argument '--bogus'"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = trackcheck(&["frobnicate"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = trackcheck(&[], &[]);
+    assert_eq!(out.status.code(), Some(2), "no subcommand is a usage error");
+}
+
+#[test]
+fn missing_kvm_device_gives_a_hint() {
+    let out = trackcheck(&["env"], &[("TRACKCHECK_KVM_DEVICE", "/nonexistent/kvm")]);
+    assert!(out.status.success());
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("no such device") && stdout.contains("kvm module"),
+        "{stdout}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.contains("dirty-ring") && l.contains("KVM unavailable")),
+        "{stdout}"
+    );
+    assert!(text(&out.stderr).contains("no trial can run here"));
+}
+
+/// As root, drop to `nobody` with setpriv: opening /dev/kvm then fails with EACCES.
+#[test]
+fn unreadable_kvm_device_gives_a_hint() {
+    let is_root = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false);
+    let setpriv = std::path::Path::new("/usr/bin/setpriv");
+    let dev = std::fs::metadata("/dev/kvm");
+    if !is_root || !setpriv.exists() || dev.is_err() {
+        eprintln!("skip: needs root, /usr/bin/setpriv and /dev/kvm to provoke EACCES");
+        return;
+    }
+    let out = Command::new(setpriv)
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            env!("CARGO_BIN_EXE_trackcheck"),
+            "env",
+        ])
+        .output()
+        .expect("setpriv runs");
+    let stdout = text(&out.stdout);
+    if stdout.is_empty() {
+        eprintln!(
+            "skip: nobody cannot run the binary here: {}",
+            text(&out.stderr)
+        );
+        return;
+    }
+    assert!(
+        stdout.contains("permission denied") && stdout.contains("run as root"),
+        "{stdout}"
+    );
+}
