@@ -9,8 +9,10 @@ pub mod host;
 pub mod machine;
 pub mod memory;
 pub mod mode;
+pub mod oracle;
 pub mod support;
 pub mod sys;
+pub mod track;
 pub mod vcpu;
 pub mod vm;
 

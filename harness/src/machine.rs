@@ -22,7 +22,9 @@ use crate::arch::{self, Entry, Mapping, PageTableError, PageTables};
 use crate::host::{self, BackendKind};
 use crate::memory::{Backing, GuestMemory, MemoryError};
 use crate::mode::{self, ExecutionMode, ModeEvidence, ModePlan};
+use crate::sys::dirty::{DirtyRing, GFN_BYTES};
 use crate::sys::stats::StatsSnapshot;
+use crate::track::{TrackCtx, TrackError, TrackSource, Tracker};
 use crate::vcpu::{GroupMonitor, RunFailure, RunLimits, Stop, Vcpu, run_group};
 use crate::vm::{Vm, VmError};
 
@@ -52,6 +54,9 @@ pub struct MachineConfig {
     pub code_capacity: u64,
     /// Fault in the data region's host memory at creation.
     pub populate: bool,
+    /// Enable the dirty ring with this many bytes per vCPU (before the vCPUs are created, as
+    /// KVM requires), using KVM_CAP_DIRTY_LOG_RING_ACQ_REL where offered.
+    pub dirty_ring: Option<u32>,
 }
 
 impl Default for MachineConfig {
@@ -65,6 +70,7 @@ impl Default for MachineConfig {
             limits: RunLimits::default(),
             code_capacity: 8 << 20,
             populate: true,
+            dirty_ring: None,
         }
     }
 }
@@ -174,7 +180,26 @@ fn control_field(vm: &Vm, vcpu: usize, offset: u64) -> u64 {
 #[derive(Debug)]
 pub struct RunView<'a> {
     vm: &'a Vm,
+    rings: &'a [DirtyRing],
     monitor: &'a GroupMonitor<'a>,
+}
+
+impl TrackSource for RunView<'_> {
+    fn track_ctx(&self) -> TrackCtx<'_> {
+        TrackCtx {
+            vm: self.vm,
+            rings: self.rings,
+        }
+    }
+}
+
+impl TrackSource for Machine {
+    fn track_ctx(&self) -> TrackCtx<'_> {
+        TrackCtx {
+            vm: &self.vm,
+            rings: &self.rings,
+        }
+    }
 }
 
 impl RunView<'_> {
@@ -208,6 +233,56 @@ impl RunView<'_> {
     }
 }
 
+/// KVM_CAP_DIRTY_LOG_RING_ACQ_REL (or DIRTY_LOG_RING on x86, which orders strongly anyway)
+/// with `bytes` per vCPU; must run before any vCPU exists.
+fn enable_dirty_ring(vm: &Vm, bytes: u32) -> Result<(), MachineError> {
+    const ACQ_REL: u32 = 223;
+    const PLAIN: u32 = 192;
+    let unsupported = |reason: String| MachineError::Unsupported {
+        what: format!("a {bytes}-byte dirty ring"),
+        reason,
+    };
+    let (cap, max) = if vm.check_cap(ACQ_REL) > 0 {
+        (ACQ_REL, vm.check_cap(ACQ_REL))
+    } else if cfg!(target_arch = "x86_64") && vm.check_cap(PLAIN) > 0 {
+        (PLAIN, vm.check_cap(PLAIN))
+    } else {
+        return Err(unsupported(
+            "neither KVM_CAP_DIRTY_LOG_RING_ACQ_REL nor KVM_CAP_DIRTY_LOG_RING".into(),
+        ));
+    };
+    let max = u32::try_from(max).unwrap_or(0);
+    if !bytes.is_power_of_two()
+        || (bytes as usize) < 4096
+        || bytes > max
+        || !(bytes as usize).is_multiple_of(GFN_BYTES)
+    {
+        return Err(unsupported(format!(
+            "ring sizes here are powers of two from 4096 to {max} bytes"
+        )));
+    }
+    let arg = kvm_bindings::kvm_enable_cap {
+        cap,
+        args: [u64::from(bytes), 0, 0, 0],
+        ..Default::default()
+    };
+    vm.fd().enable_cap(&arg).map_err(|e| {
+        let text = crate::sys::errno_text(e.errno());
+        if e.errno() == libc::EINVAL {
+            // KVM refuses rings smaller than its reserved entries (64 plus the PML buffer
+            // where PML is on), which only the kernel knows.
+            unsupported(format!(
+                "KVM_ENABLE_CAP rejected it: {text} (smaller than KVM's reserved entries?)"
+            ))
+        } else {
+            MachineError::Vcpu {
+                vcpu: 0,
+                text: format!("KVM_ENABLE_CAP(dirty ring, {bytes} bytes): {text}"),
+            }
+        }
+    })
+}
+
 /// A VM with the trackcheck guest layout.
 #[derive(Debug)]
 pub struct Machine {
@@ -216,7 +291,8 @@ pub struct Machine {
     backend: BackendKind,
     layout: SystemLayout,
     root: u64,
-    // vCPUs before the VM: their fds close before the VM's.
+    // Rings, then vCPUs, then the VM: unmapped and closed in that order.
+    rings: Vec<DirtyRing>,
     vcpus: Vec<Vcpu>,
     vm: Vm,
     compiled: Vec<Compiled>,
@@ -346,11 +422,22 @@ impl Machine {
         }
         vm.add_slot(DATA_SLOT, DATA_GPA, data, None, 0)?;
 
+        if let Some(bytes) = config.dirty_ring {
+            enable_dirty_ring(&vm, bytes)?;
+        }
         let mut vcpus = Vec::with_capacity(config.vcpus);
+        let mut rings = Vec::new();
         for id in 0..config.vcpus {
             let fd = vm.create_vcpu_fd(id)?;
             arch::set_cpuid(vm.kvm(), &fd, id)
                 .map_err(|text| MachineError::Vcpu { vcpu: id, text })?;
+            if let Some(bytes) = config.dirty_ring {
+                let ring = DirtyRing::map(&fd, bytes as usize).map_err(|e| MachineError::Vcpu {
+                    vcpu: id,
+                    text: format!("mmap of its {bytes}-byte dirty ring: {e}"),
+                })?;
+                rings.push(ring);
+            }
             vcpus.push(Vcpu::new(id, fd));
         }
         let states = vec![VcpuState::Idle; config.vcpus];
@@ -360,6 +447,7 @@ impl Machine {
             backend,
             layout,
             root: pt.root,
+            rings,
             vcpus,
             vm,
             compiled: Vec::new(),
@@ -407,6 +495,40 @@ impl Machine {
     /// The VM, mutably (memslot operations).
     pub fn vm_mut(&mut self) -> &mut Vm {
         &mut self.vm
+    }
+
+    /// Where the data region's pages live.
+    #[must_use]
+    pub fn data_layout(&self) -> crate::oracle::DataLayout {
+        crate::oracle::DataLayout::single(DATA_SLOT, self.config.data_pages)
+    }
+
+    /// Replace the run limits (watchdog, livelock bound, ring-full policy).
+    pub fn set_limits(&mut self, limits: RunLimits) {
+        self.config.limits = limits;
+    }
+
+    /// The tracked data slots.
+    #[must_use]
+    pub fn data_slots(&self) -> Vec<u32> {
+        vec![DATA_SLOT]
+    }
+
+    /// Start `tracker` on the data slots.
+    pub fn attach(&mut self, tracker: &mut dyn Tracker) -> Result<(), TrackError> {
+        let slots = self.data_slots();
+        tracker.attach(&mut self.vm, &slots)
+    }
+
+    /// Stop `tracker`.
+    pub fn detach(&mut self, tracker: &mut dyn Tracker) -> Result<(), TrackError> {
+        tracker.detach(&mut self.vm)
+    }
+
+    /// Total KVM_EXIT_DIRTY_RING_FULL exits waited out by the vCPUs.
+    #[must_use]
+    pub fn ring_full_exits(&self) -> u64 {
+        self.vcpus.iter().map(Vcpu::ring_full_exits).sum()
     }
 
     /// The loaded program.
@@ -538,7 +660,7 @@ impl Machine {
             .filter(|&i| matches!(self.states[i], VcpuState::Ready(_)))
             .collect();
         let limits = self.config.limits;
-        let vm = &self.vm;
+        let (vm, rings) = (&self.vm, self.rings.as_slice());
         let mut selected: Vec<&mut Vcpu> = self
             .vcpus
             .iter_mut()
@@ -547,7 +669,7 @@ impl Machine {
             .map(|(_, v)| v)
             .collect();
         let (r, results) = run_group(&mut selected, limits, |monitor| {
-            host(&RunView { vm, monitor })
+            host(&RunView { vm, rings, monitor })
         });
         if ready.is_empty() {
             return (
@@ -565,6 +687,7 @@ impl Machine {
                     self.states[i] = match stop {
                         Stop::Sync(n) => VcpuState::Ready(Some(n)),
                         Stop::Done { last_seq } => VcpuState::Done { last_seq },
+                        Stop::RingFull => self.states[i],
                     };
                     stops.push((i, stop));
                 }

@@ -11,7 +11,8 @@
 //! (so a signal that lands just before the thread re-enters `KVM_RUN` is not lost). A kicked
 //! vCPU returns a [`RunFailure`] naming the vCPU, the last exit, the PC and how long it ran.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,6 +33,9 @@ pub enum Stop {
         /// Last sequence number used.
         last_seq: u64,
     },
+    /// KVM_EXIT_DIRTY_RING_FULL: the vCPU's dirty ring passed its soft limit mid-segment; it
+    /// cannot run again until the rings are collected and reset.
+    RingFull,
 }
 
 /// Bounds on one run segment.
@@ -41,6 +45,11 @@ pub struct RunLimits {
     pub watchdog: Duration,
     /// Most unexplained exits (not a doorbell) in one segment before it counts as a livelock.
     pub exit_storm: u64,
+    /// On KVM_EXIT_DIRTY_RING_FULL, wait up to this long for the host to reset the rings and run
+    /// on (concurrent runs, where the host harvests meanwhile) instead of returning
+    /// [`Stop::RingFull`] at once. A vCPU still ring-full after the wait returns `RingFull`: KVM
+    /// will not let it run although the host kept resetting.
+    pub ring_full_wait: Option<Duration>,
 }
 
 impl Default for RunLimits {
@@ -48,6 +57,7 @@ impl Default for RunLimits {
         Self {
             watchdog: Duration::from_secs(20),
             exit_storm: 10_000,
+            ring_full_wait: None,
         }
     }
 }
@@ -156,6 +166,7 @@ pub struct Vcpu {
     id: usize,
     fd: VcpuFd,
     stats: Option<StatsFd>,
+    ring_full_exits: u64,
 }
 
 /// Per-vCPU state shared with the watchdog.
@@ -164,6 +175,31 @@ struct Kick {
     requested: AtomicBool,
     started: AtomicBool,
     thread: AtomicU64,
+    tid: AtomicI32,
+}
+
+thread_local! {
+    /// Kernel thread ids of the vCPU threads started from this thread, while collecting.
+    static TID_SINK: RefCell<Option<Vec<i32>>> = const { RefCell::new(None) };
+}
+
+/// Run `f`, collecting the kernel thread ids of every vCPU thread it starts, plus this
+/// thread's own: a kernel log line naming one of them (`PID: n`) belongs to `f`'s work.
+pub fn collect_tids<R>(f: impl FnOnce() -> R) -> (R, Vec<i32>) {
+    let outer = TID_SINK.with(|s| s.borrow_mut().replace(vec![kick::current_tid()]));
+    let r = f();
+    let tids = TID_SINK
+        .with(|s| std::mem::replace(&mut *s.borrow_mut(), outer))
+        .unwrap_or_default();
+    (r, tids)
+}
+
+fn note_tids(tids: impl IntoIterator<Item = i32>) {
+    TID_SINK.with(|s| {
+        if let Some(sink) = s.borrow_mut().as_mut() {
+            sink.extend(tids);
+        }
+    });
 }
 
 /// What the vCPU thread saw on one exit, with the borrow of the run struct released.
@@ -179,7 +215,18 @@ impl Vcpu {
     #[must_use]
     pub fn new(id: usize, fd: VcpuFd) -> Self {
         let stats = StatsFd::open(&fd, &format!("vCPU {id}")).ok();
-        Self { id, fd, stats }
+        Self {
+            id,
+            fd,
+            stats,
+            ring_full_exits: 0,
+        }
+    }
+
+    /// KVM_EXIT_DIRTY_RING_FULL exits waited out so far (with `ring_full_wait`).
+    #[must_use]
+    pub fn ring_full_exits(&self) -> u64 {
+        self.ring_full_exits
     }
 
     /// Index.
@@ -236,6 +283,9 @@ impl Vcpu {
                 Seen::Unexplained(format!("port read {port:#x}"))
             }
             Ok(VcpuExit::Intr) => Seen::Interrupted,
+            Ok(VcpuExit::Unsupported(kvm_bindings::KVM_EXIT_DIRTY_RING_FULL)) => {
+                Seen::Stop(Stop::RingFull)
+            }
             Ok(VcpuExit::Shutdown) => Seen::Fail(FailureKind::Shutdown, "SHUTDOWN".into()),
             Ok(VcpuExit::InternalError) => {
                 // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the union
@@ -269,13 +319,28 @@ impl Vcpu {
         let mut exits = 0u64;
         let mut unexplained = 0u64;
         let mut last_exit = String::from("none");
+        let mut ring_full_since: Option<Instant> = None;
         loop {
             if kick.requested.load(Ordering::Acquire) {
                 self.fd.set_kvm_immediate_exit(1);
             }
             let seen = self.see();
             exits += 1;
+            if !matches!(seen, Seen::Stop(Stop::RingFull)) {
+                ring_full_since = None;
+            }
             let kind = match seen {
+                Seen::Stop(Stop::RingFull)
+                    if limits.ring_full_wait.is_some_and(|w| {
+                        ring_full_since.get_or_insert_with(Instant::now).elapsed() < w
+                    }) =>
+                {
+                    // The host resets the rings concurrently; KVM exits again at once while the
+                    // ring is still full, so back off briefly instead of spinning.
+                    self.ring_full_exits += 1;
+                    std::thread::sleep(Duration::from_micros(50));
+                    continue;
+                }
                 Seen::Stop(stop) => return Ok(stop),
                 Seen::Unexplained(what) => {
                     last_exit = what;
@@ -359,6 +424,7 @@ pub fn run_group<R>(
             let (state, kick) = (&state, &kicks[i]);
             scope.spawn(move || {
                 kick.thread.store(kick::current_thread(), Ordering::Release);
+                kick.tid.store(kick::current_tid(), Ordering::Release);
                 kick.started.store(true, Ordering::Release);
                 let result = vcpu.run_to_stop(limits, kick);
                 if let Ok(mut results) = state.results.lock() {
@@ -404,6 +470,12 @@ pub fn run_group<R>(
         });
         host(&GroupMonitor { state: &state })
     });
+    note_tids(
+        kicks
+            .iter()
+            .map(|k| k.tid.load(Ordering::Acquire))
+            .filter(|&t| t != 0),
+    );
     let results = state
         .results
         .into_inner()

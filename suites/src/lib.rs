@@ -2,3 +2,12 @@
 #![forbid(unsafe_code)]
 
 pub mod env;
+pub mod golden;
+pub mod kernel_log;
+pub mod matrix;
+pub mod programs;
+pub mod report;
+pub mod runner;
+pub mod scenarios;
+pub mod spec;
+pub mod trial;

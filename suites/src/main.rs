@@ -1,12 +1,22 @@
 //! `trackcheck`: prove that KVM's guest-memory tracking mechanisms never lose a written page.
 #![forbid(unsafe_code)]
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Instant;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use trackcheck_harness::HostProfile;
+use trackcheck_harness::track::inject::Fault;
 use trackcheck_suites::env::EnvReport;
+use trackcheck_suites::golden::{self, Golden};
+use trackcheck_suites::report::{GoldenInfo, RunReport};
+use trackcheck_suites::runner::{self, Selection};
+use trackcheck_suites::scenarios;
+use trackcheck_suites::trial::{TrialResult, Verdict};
 
-/// Exit status for usage errors (clap uses the same).
+/// Exit status for usage errors and bad input (clap uses the same).
 const USAGE: u8 = 2;
 
 #[derive(Debug, Parser)]
@@ -21,6 +31,25 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    Text,
+    Json,
+    Ktap,
+}
+
+#[derive(Debug, clap::Args)]
+struct Select {
+    /// Run trials whose names contain any of these (all trials when none is given).
+    filters: Vec<String>,
+    /// Filters must match whole trial names.
+    #[arg(long)]
+    exact: bool,
+    /// The oracle's self-tests (trackers with injected losses) instead of the matrix.
+    #[arg(long)]
+    selftest: bool,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Print the host profile and, for every execution mode, backing and mechanism, whether it
@@ -30,28 +59,281 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List trial names (and, for trials that cannot run here, why).
+    List {
+        #[command(flatten)]
+        select: Select,
+    },
+    /// Run the conformance matrix (or the trials selected) and print the results.
+    Run {
+        #[command(flatten)]
+        select: Select,
+        /// Seed for every trial's programs (default: a stable per-trial seed).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Output format on stdout.
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+        /// Directory for report.{txt,json,ktap} and replay files of failures.
+        #[arg(long, default_value = "trackcheck-out")]
+        out: PathBuf,
+        /// Wrap every tracker with a deliberate loss; the affected trials must then fail.
+        #[arg(long, value_name = "KIND")]
+        inject_loss: Option<Fault>,
+        /// Worker threads (default: one per CPU).
+        #[arg(long)]
+        jobs: Option<usize>,
+        /// Directory of golden matrices (default: the checkout's golden/matrix).
+        #[arg(long)]
+        golden: Option<PathBuf>,
+        /// Write the results as this host's golden matrix (merged with existing entries).
+        #[arg(long)]
+        bless: bool,
+        /// Run the selection this many times (with --bless: tells steady from intermittent
+        /// failures).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+        repeat: u32,
+    },
+    /// Run the trial recorded in a replay file again, with its seed.
+    Replay {
+        /// A replay file written by `trackcheck run`.
+        file: PathBuf,
+        /// Output format on stdout.
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+}
+
+fn fail_usage(message: &str) -> ExitCode {
+    eprintln!("trackcheck: {message}");
+    ExitCode::from(USAGE)
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Env { json } => {
-            let report = EnvReport::probe();
-            if json {
-                match serde_json::to_string_pretty(&report) {
-                    Ok(text) => println!("{text}"),
-                    Err(e) => {
-                        eprintln!("trackcheck: cannot serialise the profile: {e}");
-                        return ExitCode::from(USAGE);
-                    }
-                }
-            } else {
-                print!("{}", report.text());
-            }
-            if let Some(why) = &report.host.kvm_unavailable {
-                eprintln!("trackcheck: KVM is unavailable, so no trial can run here: {why}");
-            }
-            ExitCode::SUCCESS
+        Command::Env { json } => env(json),
+        Command::List { select } => list(&select),
+        Command::Run {
+            select,
+            seed,
+            format,
+            out,
+            inject_loss,
+            jobs,
+            golden,
+            bless,
+            repeat,
+        } => {
+            let selection = Selection {
+                filters: select.filters,
+                exact: select.exact,
+                selftest: select.selftest,
+                inject: inject_loss,
+            };
+            run(&selection, seed, format, &out, jobs, golden, bless, repeat)
         }
+        Command::Replay { file, format } => match runner::read_replay(&file) {
+            Err(e) => fail_usage(&e),
+            Ok(r) => {
+                let selection = Selection {
+                    filters: vec![r.spec.name()],
+                    exact: true,
+                    selftest: r.spec.inject.is_some(),
+                    inject: r.spec.inject,
+                };
+                eprintln!(
+                    "trackcheck: replaying {} with seed {} (recorded: {} {})",
+                    r.name,
+                    r.seed,
+                    r.verdict.name(),
+                    r.reason.unwrap_or_default()
+                );
+                let out = file
+                    .parent()
+                    .and_then(|p| p.parent())
+                    .map_or_else(|| PathBuf::from("trackcheck-out"), PathBuf::from);
+                run(
+                    &selection,
+                    Some(r.seed),
+                    format,
+                    &out,
+                    Some(1),
+                    None,
+                    false,
+                    1,
+                )
+            }
+        },
+    }
+}
+
+fn env(json: bool) -> ExitCode {
+    let report = EnvReport::probe();
+    if json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(text) => println!("{text}"),
+            Err(e) => return fail_usage(&format!("cannot serialise the profile: {e}")),
+        }
+    } else {
+        print!("{}", report.text());
+    }
+    if let Some(why) = &report.host.kvm_unavailable {
+        eprintln!("trackcheck: KVM is unavailable, so no trial can run here: {why}");
+    }
+    ExitCode::SUCCESS
+}
+
+fn list(select: &Select) -> ExitCode {
+    let selection = Selection {
+        filters: select.filters.clone(),
+        exact: select.exact,
+        selftest: select.selftest,
+        inject: None,
+    };
+    let specs = selection.specs();
+    if specs.is_empty() {
+        return fail_usage(&format!(
+            "no trial matches {:?} (trackcheck list shows them all)",
+            select.filters
+        ));
+    }
+    let host = HostProfile::probe();
+    for spec in specs {
+        match scenarios::precheck(&spec, &host) {
+            Ok(()) => println!("{}", spec.name()),
+            Err(reason) => println!("{}  # skip: {reason}", spec.name()),
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one parameter per command-line option"
+)]
+fn run(
+    selection: &Selection,
+    seed: Option<u64>,
+    format: Format,
+    out: &PathBuf,
+    jobs: Option<usize>,
+    golden_dir: Option<PathBuf>,
+    bless: bool,
+    repeat: u32,
+) -> ExitCode {
+    let specs = selection.specs();
+    if specs.is_empty() {
+        return fail_usage(&format!(
+            "no trial matches {:?} (trackcheck list shows them all)",
+            selection.filters
+        ));
+    }
+    if bless && (selection.inject.is_some() || selection.selftest) {
+        return fail_usage(
+            "--bless records the conformance matrix; it cannot be combined with --inject-loss or --selftest",
+        );
+    }
+    let host = HostProfile::probe();
+    if let Some(why) = &host.kvm_unavailable {
+        eprintln!("trackcheck: KVM is unavailable, every trial will be skipped: {why}");
+    }
+    let golden_dir = golden_dir.unwrap_or_else(golden::default_dir);
+    let golden = match Golden::load(&golden_dir, &host.key()) {
+        Ok(g) => g,
+        Err(e) => return fail_usage(&format!("bad golden file: {e}")),
+    };
+    let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+    let start = Instant::now();
+    let mut runs: Vec<Vec<TrialResult>> = Vec::new();
+    for round in 0..repeat {
+        let bar = ProgressBar::new(specs.len() as u64);
+        bar.set_style(
+            ProgressStyle::with_template("{prefix} [{bar:40}] {pos}/{len} trials {elapsed} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(format!("run {}/{repeat}", round + 1));
+        let progress = |_done: usize, _total: usize, r: &TrialResult| {
+            if r.verdict.is_unexpected() || r.verdict == Verdict::KnownFailure {
+                let line = format!(
+                    "{} {} — {}",
+                    r.verdict.name().to_uppercase(),
+                    r.name,
+                    r.reason.as_deref().unwrap_or("")
+                );
+                if bar.is_hidden() {
+                    eprintln!("{line}")
+                } else {
+                    bar.println(line)
+                }
+            }
+            bar.inc(1);
+        };
+        runs.push(runner::run_all(
+            &specs, seed, &host, &golden, jobs, &progress,
+        ));
+        bar.finish_and_clear();
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    if bless {
+        let mut text = golden::bless(&host.key(), &host.kernel.release, &runs);
+        // Keep entries of trials this run did not cover.
+        let ran: std::collections::BTreeSet<String> = specs.iter().map(|s| s.name()).collect();
+        let kept: Vec<String> = golden
+            .entries
+            .iter()
+            .filter(|(name, _)| !ran.contains(*name))
+            .filter_map(|(name, _)| golden.line(name))
+            .collect();
+        for line in kept {
+            text.push_str(&line);
+            text.push('\n');
+        }
+        if let Err(e) =
+            std::fs::create_dir_all(&golden_dir).and_then(|()| std::fs::write(&golden.path, &text))
+        {
+            return fail_usage(&format!("cannot write {}: {e}", golden.path.display()));
+        }
+        eprintln!(
+            "trackcheck: wrote {} ({} run(s) per trial): review it before committing",
+            golden.path.display(),
+            runs.len()
+        );
+    }
+    let mut results = runs.pop().unwrap_or_default();
+    if let Err(e) = runner::write_replays(out, &host.key(), &mut results) {
+        eprintln!("trackcheck: cannot write replay files: {e}");
+    }
+    let unmatched = golden
+        .entries
+        .keys()
+        .filter(|k| !results.iter().any(|r| &r.name == *k))
+        .count();
+    let info = GoldenInfo {
+        path: golden.path.display().to_string(),
+        found: golden.found,
+        unmatched,
+    };
+    let report = RunReport::new(host, info, results, seconds / f64::from(repeat));
+    let text = report.text();
+    let ktap = report.ktap();
+    let json = serde_json::to_string_pretty(&report).unwrap_or_default();
+    match format {
+        Format::Text => print!("{text}"),
+        Format::Json => println!("{json}"),
+        Format::Ktap => print!("{ktap}"),
+    }
+    let wrote = std::fs::create_dir_all(out)
+        .and_then(|()| std::fs::write(out.join("report.txt"), &text))
+        .and_then(|()| std::fs::write(out.join("report.json"), &json))
+        .and_then(|()| std::fs::write(out.join("report.ktap"), &ktap));
+    if let Err(e) = wrote {
+        eprintln!("trackcheck: cannot write reports to {}: {e}", out.display());
+    }
+    if report.has_unexpected() {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
     }
 }

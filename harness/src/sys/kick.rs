@@ -51,3 +51,10 @@ pub unsafe fn kick(thread: libc::pthread_t) -> Result<(), String> {
         ))
     }
 }
+
+/// The calling thread's kernel thread id (what the kernel log prints as `PID:`).
+#[must_use]
+pub fn current_tid() -> i32 {
+    // SAFETY: gettid has no preconditions and cannot fail.
+    unsafe { libc::gettid() }
+}

@@ -6,6 +6,7 @@
 //! - [`pagemap`]: `PAGEMAP_SCAN` probe on `/proc/self/pagemap`.
 //! - [`kick`]: the signal that kicks a vCPU thread out of `KVM_RUN`.
 
+pub mod dirty;
 pub mod kick;
 pub mod pagemap;
 pub mod stats;

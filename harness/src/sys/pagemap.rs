@@ -56,3 +56,90 @@ pub fn probe() -> io::Result<bool> {
         _ => Err(io::Error::last_os_error()),
     }
 }
+
+/// `PM_SCAN_WP_MATCHING`: write-protect the pages that match, atomically with reporting them.
+pub const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
+/// `PM_SCAN_CHECK_WPASYNC`: fail when a page is not under asynchronous write-protect.
+pub const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
+/// `PAGE_IS_WRITTEN`: written since it was last write-protected.
+pub const PAGE_IS_WRITTEN: u64 = 1 << 1;
+/// `PAGE_IS_HUGE`: THP or hugetlb backed.
+pub const PAGE_IS_HUGE: u64 = 1 << 6;
+
+/// `struct page_region`: `[start, end)` with `categories`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PageRegion {
+    /// Start address.
+    pub start: u64,
+    /// End address (exclusive).
+    pub end: u64,
+    /// `PAGE_IS_*` bits.
+    pub categories: u64,
+}
+
+/// An open /proc/self/pagemap with a reusable region buffer.
+#[derive(Debug)]
+pub struct PagemapScanner {
+    file: File,
+    regions: Vec<PageRegion>,
+}
+
+impl PagemapScanner {
+    /// Open /proc/self/pagemap; `capacity` regions are returned per ioctl.
+    pub fn open(capacity: usize) -> io::Result<Self> {
+        Ok(Self {
+            file: File::open("/proc/self/pagemap")?,
+            regions: vec![PageRegion::default(); capacity.max(1)],
+        })
+    }
+
+    /// Report every written page in `[start, end)` as regions, calling `each(region)`, and with
+    /// `write_protect` re-protect them in the same walk (`PM_SCAN_WP_MATCHING`).
+    pub fn scan_written(
+        &mut self,
+        start: u64,
+        end: u64,
+        write_protect: bool,
+        mut each: impl FnMut(&PageRegion),
+    ) -> io::Result<()> {
+        let mut at = start;
+        while at < end {
+            let mut arg = PmScanArg {
+                size: std::mem::size_of::<PmScanArg>() as u64,
+                flags: if write_protect {
+                    PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC
+                } else {
+                    0
+                },
+                start: at,
+                end,
+                vec: self.regions.as_mut_ptr() as u64,
+                vec_len: self.regions.len() as u64,
+                category_mask: PAGE_IS_WRITTEN,
+                return_mask: PAGE_IS_WRITTEN | PAGE_IS_HUGE,
+                ..Default::default()
+            };
+            // SAFETY: `arg` is a `struct pm_scan_arg` (repr(C), size set); `vec` points at
+            // `vec_len` writable `struct page_region`s owned by self for the whole call, and
+            // start..end is this process's own address range.
+            let ret = unsafe { ioctl_with_mut_ref(&self.file, PAGEMAP_SCAN(), &mut arg) };
+            if ret < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let filled = usize::try_from(ret)
+                .map_err(io::Error::other)?
+                .min(self.regions.len());
+            for region in &self.regions[..filled] {
+                each(region);
+            }
+            if arg.walk_end <= at {
+                return Err(io::Error::other(format!(
+                    "PAGEMAP_SCAN made no progress at {at:#x}"
+                )));
+            }
+            at = arg.walk_end;
+        }
+        Ok(())
+    }
+}

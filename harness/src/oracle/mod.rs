@@ -1,0 +1,162 @@
+//! The oracle: which writes the guest made, and whether every one was reported.
+//!
+//! Ground truth is the reference interpreter (`trackcheck_guests::sim`) advanced by each vCPU's
+//! published progress: when the host reads progress `p` for vCPU `v` (acquire), every write of
+//! `v` with seq <= p has reached memory. Two checks build on it:
+//!
+//! - [`Ledger`] (stepped runs: the host acts only while every vCPU is stopped): at each collect,
+//!   every page written since its content was last copied must be reported (containment);
+//!   reported pages with no such write are classified by the tracker's allowances, and what no
+//!   allowance explains is counted.
+//! - [`Shadow`] (every run): the host keeps a copy of guest memory, updated only with the pages
+//!   the mechanism reported, at the copy step. After the vCPUs stop and a final harvest, the copy
+//!   must equal guest memory; a difference is a lost write, named by the stamp in memory.
+
+mod ledger;
+mod shadow;
+
+pub use ledger::{CollectContext, ExtraRecord, Ledger};
+pub use shadow::{Mismatch, Shadow, attribute_round};
+
+use serde::{Deserialize, Serialize};
+use trackcheck_guests::layout::{DATA_GPA, PAGE_SIZE};
+
+/// Where the data region's pages live: data page index <-> (memslot, page in slot).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataLayout {
+    /// Slots in data-page order.
+    pub extents: Vec<Extent>,
+}
+
+/// One memslot's share of the data region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Extent {
+    /// Memslot id.
+    pub slot: u32,
+    /// Data page index of the slot's first page.
+    pub first_page: u64,
+    /// Pages in the slot.
+    pub pages: u64,
+}
+
+impl DataLayout {
+    /// One slot holding the whole data region.
+    #[must_use]
+    pub fn single(slot: u32, pages: u64) -> Self {
+        Self {
+            extents: vec![Extent {
+                slot,
+                first_page: 0,
+                pages,
+            }],
+        }
+    }
+
+    /// Total data pages.
+    #[must_use]
+    pub fn pages(&self) -> u64 {
+        self.extents
+            .iter()
+            .map(|e| e.first_page + e.pages)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// (slot, page in slot) of data page `page`.
+    #[must_use]
+    pub fn locate(&self, page: u64) -> Option<(u32, u64)> {
+        self.extents
+            .iter()
+            .find(|e| page >= e.first_page && page < e.first_page + e.pages)
+            .map(|e| (e.slot, page - e.first_page))
+    }
+
+    /// Data page index of `(slot, page in slot)`.
+    #[must_use]
+    pub fn data_page(&self, slot: u32, page: u64) -> Option<u64> {
+        self.extents
+            .iter()
+            .find(|e| e.slot == slot && page < e.pages)
+            .map(|e| e.first_page + page)
+    }
+}
+
+/// A write that was never reported.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct LostPage {
+    /// Memslot.
+    pub slot: u32,
+    /// 4 KiB page index within the slot.
+    pub page: u64,
+    /// Guest-physical address of the page.
+    pub gpa: u64,
+    /// vCPU that made the lost write.
+    pub vcpu: usize,
+    /// Its sequence number (the stamp is `vcpu << 48 | seq`).
+    pub seq: u64,
+    /// Harvest round (1-based) by which it should have been reported; rounds after the last
+    /// one mean the final harvest.
+    pub round: u32,
+}
+
+impl LostPage {
+    /// Build for data page `data_page`.
+    #[must_use]
+    pub fn at(layout: &DataLayout, data_page: u64, vcpu: usize, seq: u64, round: u32) -> Self {
+        let (slot, page) = layout.locate(data_page).unwrap_or((u32::MAX, data_page));
+        Self {
+            slot,
+            page,
+            gpa: DATA_GPA + data_page * PAGE_SIZE,
+            vcpu,
+            seq,
+            round,
+        }
+    }
+}
+
+impl std::fmt::Display for LostPage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "slot {} page {} (gpa {:#x}): write #{} of vCPU {} not reported by round {}",
+            self.slot, self.page, self.gpa, self.seq, self.vcpu, self.round
+        )
+    }
+}
+
+/// What a run's oracle concluded.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OracleReport {
+    /// Lost writes (first lost write per page).
+    pub lost: Vec<LostPage>,
+    /// Pages that had to be reported, summed over rounds.
+    pub written: u64,
+    /// Pages reported, summed over rounds.
+    pub reported: u64,
+    /// Reported pages explained by an allowance, by allowance name.
+    pub allowed: std::collections::BTreeMap<String, u64>,
+    /// Reported pages no write and no allowance explains.
+    pub unexplained: u64,
+    /// Harvest rounds.
+    pub rounds: u32,
+}
+
+impl OracleReport {
+    /// Extra (not required) pages reported: allowed plus unexplained.
+    #[must_use]
+    pub fn extra(&self) -> u64 {
+        self.allowed.values().sum::<u64>() + self.unexplained
+    }
+
+    /// Merge a finding into the lost list, keeping one entry per page (the first found).
+    pub fn add_lost(&mut self, lost: LostPage) {
+        if !self
+            .lost
+            .iter()
+            .any(|l| l.slot == lost.slot && l.page == lost.page)
+        {
+            self.lost.push(lost);
+        }
+    }
+}

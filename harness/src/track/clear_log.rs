@@ -1,0 +1,192 @@
+//! `clear-log`: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 + KVM_CLEAR_DIRTY_LOG.
+//!
+//! Contract: with manual protect, GET only reads the bitmap; CLEAR clears the given bits and
+//! write-protects exactly those pages. A write landing between GET and CLEAR on a page that is
+//! already writable is not logged again, so the page must be copied *after* the CLEAR: the copy
+//! then holds the write. `first_page` of a CLEAR must be a multiple of 64, and `num_pages` too
+//! unless the range ends at the slot's end (EINVAL otherwise). With INITIALLY_SET the bitmap
+//! starts all ones and nothing is write-protected until the first CLEAR.
+
+use serde::{Deserialize, Serialize};
+
+use super::{Allowance, PageSet, RearmKind, TrackCtx, TrackError, Tracker};
+use crate::support::Mechanism;
+use crate::sys::dirty::{bitmap_words, clear_dirty_log, get_dirty_log};
+use crate::vm::Vm;
+
+/// `KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE`.
+const MANUAL_PROTECT_ENABLE: u64 = 1;
+/// `KVM_DIRTY_LOG_INITIALLY_SET`.
+const INITIALLY_SET: u64 = 2;
+/// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`.
+const CAP_MANUAL_DIRTY_LOG_PROTECT2: u32 = 168;
+
+/// How the CLEAR calls cover the collected pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClearGranularity {
+    /// One CLEAR over the whole slot with the collected bitmap as mask.
+    Whole,
+    /// One CLEAR per 64-page chunk that has a collected page (the last chunk may be short and
+    /// end at the slot's end).
+    Chunk64,
+    /// One CLEAR per collected page: its 64-page chunk with a single-bit mask.
+    PerPage,
+}
+
+impl ClearGranularity {
+    /// Every granularity.
+    pub const ALL: [Self; 3] = [Self::Whole, Self::Chunk64, Self::PerPage];
+
+    /// Name in labels.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Whole => "whole",
+            Self::Chunk64 => "chunk64",
+            Self::PerPage => "per-page",
+        }
+    }
+}
+
+/// KVM_CLEAR_DIRTY_LOG with manual protect.
+#[derive(Debug)]
+pub struct ClearLog {
+    initially_set: bool,
+    granularity: ClearGranularity,
+    /// (slot, pages, bitmap of the last collect).
+    slots: Vec<(u32, u64, Vec<u64>)>,
+    first_collect_pending: bool,
+}
+
+impl ClearLog {
+    /// A clear-log tracker.
+    #[must_use]
+    pub fn new(initially_set: bool, granularity: ClearGranularity) -> Self {
+        Self {
+            initially_set,
+            granularity,
+            slots: Vec::new(),
+            first_collect_pending: false,
+        }
+    }
+
+    fn clear(vm: &Vm, slot: u32, first: u64, num: u64, mask: &[u64]) -> Result<(), TrackError> {
+        let num32 = u32::try_from(num)
+            .map_err(|_| TrackError::Setup(format!("slot {slot}: {num} pages")))?;
+        clear_dirty_log(vm.fd(), slot, first, num32, mask).map_err(|e| {
+            TrackError::kvm(
+                "KVM_CLEAR_DIRTY_LOG",
+                slot,
+                format!(" pages {first}..{}", first + num),
+                e,
+            )
+        })
+    }
+}
+
+/// Enable or disable manual protect (with `flags`) on the VM.
+pub(crate) fn set_manual_protect(vm: &Vm, flags: u64) -> Result<(), TrackError> {
+    let cap = kvm_bindings::kvm_enable_cap {
+        cap: CAP_MANUAL_DIRTY_LOG_PROTECT2,
+        args: [flags, 0, 0, 0],
+        ..Default::default()
+    };
+    vm.fd().enable_cap(&cap).map_err(|e| {
+        TrackError::kvm(
+            "KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)",
+            0,
+            String::new(),
+            e.errno(),
+        )
+    })
+}
+
+impl Tracker for ClearLog {
+    fn mechanism(&self) -> Mechanism {
+        if self.initially_set {
+            Mechanism::ClearLogInitiallySet
+        } else {
+            Mechanism::ClearLog
+        }
+    }
+
+    fn label(&self) -> String {
+        format!("{}/{}", self.mechanism().name(), self.granularity.name())
+    }
+
+    fn attach(&mut self, vm: &mut Vm, slots: &[u32]) -> Result<(), TrackError> {
+        let flags = MANUAL_PROTECT_ENABLE | if self.initially_set { INITIALLY_SET } else { 0 };
+        set_manual_protect(vm, flags)?;
+        self.slots.clear();
+        for &slot in slots {
+            vm.set_dirty_logging(slot, true)?;
+            let pages = vm.slot(slot)?.pages();
+            self.slots.push((slot, pages, vec![0; bitmap_words(pages)]));
+        }
+        self.first_collect_pending = self.initially_set;
+        Ok(())
+    }
+
+    fn collect(&mut self, ctx: &TrackCtx<'_>, out: &mut PageSet) -> Result<(), TrackError> {
+        for (slot, _, bitmap) in &mut self.slots {
+            bitmap.fill(0);
+            get_dirty_log(ctx.vm.fd(), *slot, bitmap)
+                .map_err(|e| TrackError::kvm("KVM_GET_DIRTY_LOG", *slot, String::new(), e))?;
+            out.or_bitmap(*slot, bitmap);
+        }
+        self.first_collect_pending = false;
+        Ok(())
+    }
+
+    fn rearm(&mut self, ctx: &TrackCtx<'_>) -> Result<(), TrackError> {
+        for (slot, pages, bitmap) in &self.slots {
+            let (slot, pages) = (*slot, *pages);
+            match self.granularity {
+                ClearGranularity::Whole => Self::clear(ctx.vm, slot, 0, pages, bitmap)?,
+                ClearGranularity::Chunk64 => {
+                    for (i, &word) in bitmap.iter().enumerate().filter(|(_, w)| **w != 0) {
+                        let first = i as u64 * 64;
+                        Self::clear(ctx.vm, slot, first, (pages - first).min(64), &[word])?;
+                    }
+                }
+                ClearGranularity::PerPage => {
+                    for (i, &word) in bitmap.iter().enumerate() {
+                        let first = i as u64 * 64;
+                        let mut w = word;
+                        while w != 0 {
+                            let bit = w & w.wrapping_neg();
+                            Self::clear(ctx.vm, slot, first, (pages - first).min(64), &[bit])?;
+                            w &= w - 1;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn detach(&mut self, vm: &mut Vm) -> Result<(), TrackError> {
+        for (slot, _, _) in &self.slots {
+            vm.set_dirty_logging(*slot, false)?;
+        }
+        self.slots.clear();
+        set_manual_protect(vm, 0)
+    }
+
+    fn rearm_kind(&self) -> RearmKind {
+        RearmKind::Separate { skip_loses: false }
+    }
+
+    fn allowances(&self) -> &'static [Allowance] {
+        if self.initially_set {
+            &[Allowance::InitiallySet, Allowance::WrittenBeforeCopy]
+        } else {
+            &[Allowance::WrittenBeforeCopy]
+        }
+    }
+
+    fn reports_everything_next(&self) -> bool {
+        self.first_collect_pending
+    }
+}

@@ -1,0 +1,332 @@
+//! The golden conformance matrix of a host profile: the expected verdict of every trial.
+//!
+//! Stored as an insta snapshot (`golden/matrix/<host-key>.snap`), one trial per line:
+//! `name  expected  evidence`, where expected is `pass`, `skip`, `error`, `fail:<kinds>` (fails
+//! every run, the way named: `lost`, `hazard`, `problem`) or `intermittent:<kinds>` (fails some
+//! runs — a finding too, since trials are never retried). Written by `trackcheck run --bless`
+//! (with `--repeat N` to tell steady failures from intermittent ones) and reviewed like any
+//! snapshot; `cargo insta review` shows the `.snap.new` that a mismatching run leaves.
+//!
+//! Applying it: a trial that fails the way its entry says is a *known failure* (the run still
+//! succeeds, the failure stays in every report); an entry that says `fail` but passed is an
+//! *unexpected pass* (the run fails until the file is reviewed); everything else keeps its raw
+//! verdict.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use crate::trial::{FailKind, TrialResult, Verdict};
+
+/// What the golden file expects of one trial.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Expected {
+    /// Passes.
+    Pass,
+    /// Skipped on this host.
+    Skip,
+    /// The harness cannot run it here.
+    Error,
+    /// Fails every run, one of these ways.
+    Fail(Vec<FailKind>),
+    /// Fails some runs, one of these ways.
+    Intermittent(Vec<FailKind>),
+}
+
+impl Expected {
+    fn token(&self) -> String {
+        let kinds = |k: &[FailKind]| k.iter().map(|k| k.name()).collect::<Vec<_>>().join("|");
+        match self {
+            Self::Pass => "pass".into(),
+            Self::Skip => "skip".into(),
+            Self::Error => "error".into(),
+            Self::Fail(k) => format!("fail:{}", kinds(k)),
+            Self::Intermittent(k) => format!("intermittent:{}", kinds(k)),
+        }
+    }
+
+    fn parse(token: &str) -> Option<Self> {
+        let kinds = |s: &str| -> Option<Vec<FailKind>> {
+            s.split('|')
+                .map(|k| match k {
+                    "lost" => Some(FailKind::Lost),
+                    "hazard" => Some(FailKind::Hazard),
+                    "problem" => Some(FailKind::Problem),
+                    "required" => Some(FailKind::Required),
+                    _ => None,
+                })
+                .collect()
+        };
+        match token.split_once(':') {
+            None => match token {
+                "pass" => Some(Self::Pass),
+                "skip" => Some(Self::Skip),
+                "error" => Some(Self::Error),
+                _ => None,
+            },
+            Some(("fail", k)) => kinds(k).map(Self::Fail),
+            Some(("intermittent", k)) => kinds(k).map(Self::Intermittent),
+            Some(_) => None,
+        }
+    }
+}
+
+/// A golden matrix.
+#[derive(Clone, Debug, Default)]
+pub struct Golden {
+    /// Host profile key.
+    pub host_key: String,
+    /// Where it was read from (or will be written to).
+    pub path: PathBuf,
+    /// Expected verdict and evidence per trial name.
+    pub entries: BTreeMap<String, (Expected, String)>,
+    /// Whether a file existed.
+    pub found: bool,
+}
+
+/// The golden directory: `$TRACKCHECK_GOLDEN`, else the checkout this binary was built from,
+/// else `./golden/matrix`.
+#[must_use]
+pub fn default_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("TRACKCHECK_GOLDEN") {
+        return PathBuf::from(dir);
+    }
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("../golden/matrix");
+    if built.is_dir() {
+        return built;
+    }
+    PathBuf::from("golden/matrix")
+}
+
+const HEADER_SOURCE: &str = "suites/src/golden.rs";
+
+impl Golden {
+    /// Read the golden file of `host_key` from `dir` (empty if there is none).
+    pub fn load(dir: &Path, host_key: &str) -> Result<Self, String> {
+        let path = dir.join(format!("{host_key}.snap"));
+        let mut golden = Self {
+            host_key: host_key.into(),
+            path: path.clone(),
+            ..Self::default()
+        };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(golden),
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        };
+        golden.found = true;
+        // insta layout: "---", header lines, "---", body.
+        let body = text.splitn(3, "---\n").nth(2).unwrap_or(&text);
+        for (i, line) in body.lines().enumerate() {
+            let line = line.trim_end();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let line = line.trim_start();
+            let mut parts = line.split_whitespace();
+            let (Some(name), Some(token)) = (parts.next(), parts.next()) else {
+                return Err(format!(
+                    "{}: line {}: expected `trial verdict [evidence]`",
+                    path.display(),
+                    i + 1
+                ));
+            };
+            let after_name = line[name.len()..].trim_start();
+            let rest = after_name[token.len()..].trim().to_string();
+            let expected = Expected::parse(token).ok_or_else(|| {
+                format!(
+                    "{}: line {}: unknown verdict {token:?}",
+                    path.display(),
+                    i + 1
+                )
+            })?;
+            golden.entries.insert(name.to_string(), (expected, rest));
+        }
+        Ok(golden)
+    }
+
+    /// The line of `name`, rendered as the file holds it.
+    #[must_use]
+    pub fn line(&self, name: &str) -> Option<String> {
+        self.entries
+            .get(name)
+            .map(|(e, ev)| format!("{name} {} {ev}", e.token()).trim_end().to_string())
+    }
+
+    /// What the file expects of `name`.
+    #[must_use]
+    pub fn expected(&self, name: &str) -> Option<&Expected> {
+        self.entries.get(name).map(|(e, _)| e)
+    }
+
+    /// Apply the expectations to a raw result: known failures, unexpected passes.
+    pub fn apply(&self, result: &mut TrialResult) {
+        let Some(expected) = self.expected(&result.name) else {
+            return;
+        };
+        match (expected, result.verdict, result.fail_kind) {
+            (Expected::Fail(kinds) | Expected::Intermittent(kinds), Verdict::Fail, Some(kind))
+                if same_way(kinds, kind) =>
+            {
+                result.verdict = Verdict::KnownFailure;
+            }
+            (Expected::Fail(kinds) | Expected::Intermittent(kinds), Verdict::Fail, _) => {
+                let note = format!(
+                    " (the golden file expects it to fail as {})",
+                    Expected::Fail(kinds.clone()).token()
+                );
+                if let Some(r) = result.reason.as_mut() {
+                    r.push_str(&note);
+                }
+            }
+            (Expected::Fail(_), Verdict::Pass, _) => {
+                result.verdict = Verdict::UnexpectedPass;
+                result.reason = Some(format!(
+                    "the golden file records a failure on this host ({}); it passed: review {} (trackcheck run --bless)",
+                    self.entries
+                        .get(&result.name)
+                        .map_or("", |(_, ev)| ev.as_str()),
+                    self.path.display()
+                ));
+            }
+            (Expected::Intermittent(_), Verdict::Pass, _) => {
+                result.evidence.push(
+                    "known intermittent failure on this host; it did not occur this run".into(),
+                );
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Whether failing as `kind` is failing the way `kinds` records. Lost writes and kernel
+/// hazards are two faces of the kernel breaking the property (an overflowed dirty ring either
+/// loses entries or never lets its vCPU run again, depending on timing), so they match each
+/// other; interface problems and missing required mechanisms match only themselves.
+fn same_way(kinds: &[FailKind], kind: FailKind) -> bool {
+    let kernel = |k: &FailKind| matches!(k, FailKind::Lost | FailKind::Hazard);
+    kinds.contains(&kind) || (kernel(&kind) && kinds.iter().any(kernel))
+}
+
+/// Build a golden matrix from `runs` (each a full set of results of the same trials).
+#[must_use]
+pub fn bless(host_key: &str, kernel: &str, runs: &[Vec<TrialResult>]) -> String {
+    let mut by_name: BTreeMap<&str, Vec<&TrialResult>> = BTreeMap::new();
+    for run in runs {
+        for r in run {
+            by_name.entry(r.name.as_str()).or_default().push(r);
+        }
+    }
+    let width = by_name.keys().map(|n| n.len()).max().unwrap_or(40);
+    let mut body = String::new();
+    let _ = writeln!(
+        body,
+        "# trackcheck conformance matrix, host profile {host_key}"
+    );
+    let _ = writeln!(
+        body,
+        "# kernel {kernel}; {} run(s) per trial; regenerate: trackcheck run --bless --repeat {}",
+        runs.len(),
+        runs.len()
+    );
+    let _ = writeln!(
+        body,
+        "# {:<w$} {:<22} evidence",
+        "trial",
+        "expected",
+        w = width.saturating_sub(2)
+    );
+    for (name, results) in &by_name {
+        let fails: Vec<&&TrialResult> = results
+            .iter()
+            .filter(|r| {
+                r.fail_kind.is_some() && matches!(r.verdict, Verdict::Fail | Verdict::KnownFailure)
+            })
+            .collect();
+        let mut kinds: Vec<FailKind> = fails.iter().filter_map(|r| r.fail_kind).collect();
+        kinds.sort_by_key(|k| k.name());
+        kinds.dedup();
+        let passes = results
+            .iter()
+            .filter(|r| matches!(r.verdict, Verdict::Pass | Verdict::UnexpectedPass))
+            .count();
+        let (expected, evidence) = if !fails.is_empty() {
+            let first = fails[0].reason.as_deref().unwrap_or("");
+            let first: String = first.chars().take(160).collect();
+            let ev = format!(
+                "{}/{} runs failed; first: {first}",
+                fails.len(),
+                results.len()
+            );
+            if passes > 0 {
+                (Expected::Intermittent(kinds), ev)
+            } else {
+                (Expected::Fail(kinds), ev)
+            }
+        } else if results.iter().all(|r| r.verdict == Verdict::Skip) {
+            (
+                Expected::Skip,
+                results[0].reason.clone().unwrap_or_default(),
+            )
+        } else if results.iter().any(|r| r.verdict == Verdict::Error) {
+            (
+                Expected::Error,
+                results
+                    .iter()
+                    .find(|r| r.verdict == Verdict::Error)
+                    .and_then(|r| r.reason.clone())
+                    .unwrap_or_default(),
+            )
+        } else {
+            (Expected::Pass, String::new())
+        };
+        let line = format!("{name:<width$} {:<22} {evidence}", expected.token());
+        let _ = writeln!(body, "{}", line.trim_end());
+    }
+    format!(
+        "---\nsource: {HEADER_SOURCE}\nexpression: conformance matrix of {host_key}\n---\n{body}"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip() {
+        for e in [
+            Expected::Pass,
+            Expected::Skip,
+            Expected::Error,
+            Expected::Fail(vec![FailKind::Hazard, FailKind::Lost]),
+            Expected::Intermittent(vec![FailKind::Lost]),
+        ] {
+            assert_eq!(Expected::parse(&e.token()), Some(e));
+        }
+        assert_eq!(Expected::parse("fail:melted"), None);
+    }
+
+    #[test]
+    fn load_reads_what_bless_writes() {
+        let dir = std::env::temp_dir().join(format!("trackcheck-golden-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let text = "---\nsource: x\nexpression: y\n---\n# comment\na::b      pass\nc::d   fail:lost|hazard   lost 3 pages\ne::f skip no pool\n";
+        std::fs::write(dir.join("k.snap"), text).expect("write");
+        let g = Golden::load(&dir, "k").expect("loads");
+        assert!(g.found);
+        assert_eq!(g.expected("a::b"), Some(&Expected::Pass));
+        assert_eq!(
+            g.entries.get("c::d").map(|e| e.1.as_str()),
+            Some("lost 3 pages")
+        );
+        assert_eq!(g.expected("e::f"), Some(&Expected::Skip));
+        assert!(Golden::load(&dir, "missing").is_ok_and(|g| !g.found));
+        std::fs::write(dir.join("bad.snap"), "---\na\n---\nx::y maybe\n").expect("write");
+        assert!(
+            Golden::load(&dir, "bad")
+                .unwrap_err()
+                .contains("unknown verdict")
+        );
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+}

@@ -1,0 +1,168 @@
+//! The conformance matrix: which trials a full run has, and the self-tests.
+//!
+//! The matrix is the same on every host (so golden files line up and a missing mechanism shows
+//! up as skipped trials, never as absent ones); what cannot run here is skipped with the reason.
+
+use trackcheck_harness::track::inject::Fault;
+use trackcheck_harness::track::{ClearGranularity, TrackerSpec};
+use trackcheck_harness::{Backing, ExecutionMode};
+
+use crate::spec::{Pattern, Scenario, TrialSpec};
+
+/// Ring sizes tried: the smallest (constant ring-full exits) and 1 MiB.
+pub const RING_SIZES: [u32; 2] = [4096, 1 << 20];
+
+/// Every tracker configuration the matrix covers.
+#[must_use]
+pub fn trackers() -> Vec<TrackerSpec> {
+    let mut out = vec![TrackerSpec::DirtyLog];
+    for granularity in ClearGranularity::ALL {
+        out.push(TrackerSpec::ClearLog {
+            initially_set: false,
+            granularity,
+        });
+    }
+    out.push(TrackerSpec::ClearLog {
+        initially_set: true,
+        granularity: ClearGranularity::Whole,
+    });
+    for bytes in RING_SIZES {
+        out.push(TrackerSpec::DirtyRing { bytes });
+    }
+    out.push(TrackerSpec::UffdWpAsync);
+    out.push(TrackerSpec::UffdWpSync);
+    out
+}
+
+fn spec(
+    tracker: TrackerSpec,
+    scenario: Scenario,
+    backing: Backing,
+    mode: ExecutionMode,
+) -> TrialSpec {
+    TrialSpec {
+        tracker,
+        scenario,
+        backing,
+        mode,
+        inject: None,
+    }
+}
+
+/// The full conformance matrix.
+#[must_use]
+pub fn matrix() -> Vec<TrialSpec> {
+    let stepped_backings = [
+        Backing::Anon,
+        Backing::Thp,
+        Backing::Hugetlb2M,
+        Backing::Memfd,
+        Backing::MemfdHugetlb2M,
+        Backing::Shmem,
+    ];
+    let wide = [
+        Backing::Anon,
+        Backing::Thp,
+        Backing::Hugetlb2M,
+        Backing::Memfd,
+    ];
+    let narrow = [Backing::Anon, Backing::Thp];
+    let mut out = Vec::new();
+    for mode in ExecutionMode::ALL {
+        for tracker in trackers() {
+            for b in stepped_backings {
+                out.push(spec(tracker, Scenario::Stepped, b, mode));
+            }
+            for b in narrow {
+                out.push(spec(tracker, Scenario::Race, b, mode));
+            }
+            for (pattern, vcpus, backings) in [
+                (Pattern::Sequential, 1, wide.as_slice()),
+                (Pattern::Random, 2, wide.as_slice()),
+                (Pattern::Strided, 3, narrow.as_slice()),
+                (Pattern::HotCold, 4, narrow.as_slice()),
+            ] {
+                for &b in backings {
+                    out.push(spec(
+                        tracker,
+                        Scenario::Concurrent { pattern, vcpus },
+                        b,
+                        mode,
+                    ));
+                }
+            }
+            if matches!(tracker, TrackerSpec::DirtyRing { bytes: 4096 }) {
+                for vcpus in [2, 3] {
+                    out.push(spec(
+                        tracker,
+                        Scenario::RingFull { vcpus },
+                        Backing::Anon,
+                        mode,
+                    ));
+                }
+            }
+            if matches!(tracker, TrackerSpec::ClearLog { .. }) {
+                out.push(spec(tracker, Scenario::ClearGeometry, Backing::Anon, mode));
+            }
+            if tracker != TrackerSpec::DirtyLog {
+                out.push(spec(
+                    tracker,
+                    Scenario::CrossCheck {
+                        against: TrackerSpec::DirtyLog,
+                    },
+                    Backing::Anon,
+                    mode,
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// The oracle's self-tests: every tracker with every fault, in the scenarios where the fault
+/// can lose a write (copy-before-rearm needs a write between the copy and the rearm: race).
+#[must_use]
+pub fn selftests() -> Vec<TrialSpec> {
+    let mut out = Vec::new();
+    for tracker in trackers() {
+        for (scenario, faults) in [
+            (Scenario::Stepped, &[Fault::DropPage, Fault::SkipRearm][..]),
+            (Scenario::Race, &Fault::ALL[..]),
+            (
+                Scenario::Concurrent {
+                    pattern: Pattern::Sequential,
+                    vcpus: 2,
+                },
+                &[Fault::DropPage][..],
+            ),
+        ] {
+            for &fault in faults {
+                out.push(TrialSpec {
+                    tracker,
+                    scenario,
+                    backing: Backing::Anon,
+                    mode: ExecutionMode::Native,
+                    inject: Some(fault),
+                });
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    #[test]
+    fn names_are_unique() {
+        let all: Vec<String> = matrix()
+            .iter()
+            .chain(selftests().iter())
+            .map(TrialSpec::name)
+            .collect();
+        let unique: BTreeSet<&String> = all.iter().collect();
+        assert_eq!(all.len(), unique.len());
+    }
+}

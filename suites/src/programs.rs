@@ -1,0 +1,247 @@
+//! Guest programs for each scenario, built deterministically from a seed.
+
+use trackcheck_guests::program::splitmix64;
+use trackcheck_guests::{Access, Op, PageSeq, Program, Repeat, Thread};
+
+use crate::spec::Pattern;
+
+/// A random 8-aligned offset in a page.
+fn offset(rng: &mut u64) -> u16 {
+    u16::try_from((splitmix64(rng) % 512) * 8).unwrap_or(0)
+}
+
+/// `rounds` rounds on `vcpus` vCPUs over `data_pages` pages. Each round, every vCPU writes
+/// its hot set (8 pages of its own, rewritten every round, so a page left writable after a
+/// harvest is written again) and `random` pages drawn from the whole region (shared with the
+/// other vCPUs), then syncs.
+#[must_use]
+pub fn stepped(seed: u64, vcpus: usize, data_pages: u64, rounds: u32, random: u32) -> Program {
+    let threads = (0..vcpus)
+        .map(|v| {
+            let mut rng = seed ^ (v as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let share = data_pages / vcpus as u64;
+            let hot: Vec<u64> = (0..8)
+                .map(|_| v as u64 * share + splitmix64(&mut rng) % share)
+                .collect();
+            let mut ops = Vec::new();
+            for round in 1..=rounds {
+                for &page in &hot {
+                    ops.push(Op::Write {
+                        page,
+                        offset: offset(&mut rng),
+                    });
+                }
+                for _ in 0..random {
+                    ops.push(Op::Write {
+                        page: splitmix64(&mut rng) % data_pages,
+                        offset: offset(&mut rng),
+                    });
+                }
+                ops.push(Op::Sync(round));
+            }
+            Thread::new(ops)
+        })
+        .collect();
+    Program::new(data_pages, threads)
+}
+
+/// Segments that each rewrite the vCPU's hot set (16 pages) and 4 random pages: with the guest
+/// running between harvest steps, every step sees writes to pages the collect just reported.
+#[must_use]
+pub fn race(seed: u64, vcpus: usize, data_pages: u64, segments: u32) -> Program {
+    let threads = (0..vcpus)
+        .map(|v| {
+            let mut rng = seed ^ 0x5EED_0000 ^ v as u64;
+            let share = data_pages / vcpus as u64;
+            let mut ops = Vec::new();
+            for s in 1..=segments {
+                ops.push(Op::Loop {
+                    pages: PageSeq::Range {
+                        start: v as u64 * share,
+                        count: 16.min(share),
+                    },
+                    access: Access::Write,
+                    offset: offset(&mut rng),
+                    repeat: Repeat::Times(1),
+                });
+                for _ in 0..4 {
+                    ops.push(Op::Write {
+                        page: splitmix64(&mut rng) % data_pages,
+                        offset: offset(&mut rng),
+                    });
+                }
+                ops.push(Op::Sync(s));
+            }
+            Thread::new(ops)
+        })
+        .collect();
+    Program::new(data_pages, threads)
+}
+
+/// Endless writers for the concurrent scenario (they stop at the host's STOP flag).
+#[must_use]
+pub fn concurrent(seed: u64, pattern: Pattern, vcpus: usize, data_pages: u64) -> Program {
+    let share = data_pages / vcpus as u64;
+    let threads = (0..vcpus)
+        .map(|v| {
+            let mut rng = seed ^ 0xC0C0 ^ v as u64;
+            let start = v as u64 * share;
+            let pages = match pattern {
+                Pattern::Sequential => PageSeq::Range {
+                    start,
+                    count: share,
+                },
+                Pattern::Random => PageSeq::Shuffled {
+                    start: 0,
+                    count: data_pages,
+                    seed: splitmix64(&mut rng),
+                },
+                Pattern::Strided => PageSeq::Strided {
+                    start,
+                    count: share / 8,
+                    stride: 8,
+                },
+                Pattern::HotCold => {
+                    let hot: Vec<u64> = (0..16).map(|i| i * 37 % data_pages).collect();
+                    PageSeq::List(
+                        (0..2048)
+                            .map(|i| {
+                                if i % 10 == 0 {
+                                    splitmix64(&mut rng) % data_pages
+                                } else {
+                                    hot[usize::try_from(splitmix64(&mut rng) % 16).unwrap_or(0)]
+                                }
+                            })
+                            .collect(),
+                    )
+                }
+            };
+            Thread::new(vec![Op::Loop {
+                pages,
+                access: Access::Write,
+                offset: offset(&mut rng),
+                repeat: Repeat::UntilStopped,
+            }])
+        })
+        .collect();
+    Program::new(data_pages, threads)
+}
+
+/// Each vCPU writes each page of its share exactly once, in order (deterministic losses for the
+/// concurrent self-test: a dropped page is never written again).
+#[must_use]
+pub fn write_once(vcpus: usize, data_pages: u64) -> Program {
+    let share = data_pages / vcpus as u64;
+    Program::new(
+        data_pages,
+        (0..vcpus as u64)
+            .map(|v| {
+                Thread::new(vec![Op::Loop {
+                    pages: PageSeq::Range {
+                        start: v * share,
+                        count: share,
+                    },
+                    access: Access::Write,
+                    offset: 0,
+                    repeat: Repeat::Times(1),
+                }])
+            })
+            .collect(),
+    )
+}
+
+/// Segments of `per_segment` distinct pages per vCPU (far past a small ring's soft limit).
+#[must_use]
+pub fn ring_full(
+    seed: u64,
+    vcpus: usize,
+    data_pages: u64,
+    per_segment: u64,
+    segments: u32,
+) -> Program {
+    let share = data_pages / vcpus as u64;
+    Program::new(
+        data_pages,
+        (0..vcpus as u64)
+            .map(|v| {
+                let mut ops = Vec::new();
+                for s in 1..=segments {
+                    ops.push(Op::Loop {
+                        pages: PageSeq::Shuffled {
+                            start: v * share,
+                            count: per_segment.min(share),
+                            seed: seed ^ u64::from(s) ^ v,
+                        },
+                        access: Access::Write,
+                        offset: 0,
+                        repeat: Repeat::Times(1),
+                    });
+                    ops.push(Op::Sync(s));
+                }
+                Thread::new(ops)
+            })
+            .collect(),
+    )
+}
+
+/// Writes at both ends of a `slot_pages`-page slot, across 64-page boundaries, and in the
+/// short last chunk.
+#[must_use]
+pub fn clear_geometry(slot_pages: u64) -> Program {
+    let last_chunk = slot_pages / 64 * 64;
+    let first_round = [
+        0,
+        1,
+        63,
+        64,
+        65,
+        slot_pages / 2,
+        last_chunk - 1,
+        last_chunk,
+        last_chunk + 7,
+        slot_pages - 1,
+    ];
+    let second_round = [slot_pages - 1, last_chunk, 0, slot_pages / 3];
+    let mut ops: Vec<Op> = first_round
+        .iter()
+        .map(|&page| Op::Write { page, offset: 0 })
+        .collect();
+    ops.push(Op::Sync(1));
+    ops.extend(
+        second_round
+            .iter()
+            .map(|&page| Op::Write { page, offset: 8 }),
+    );
+    ops.push(Op::Sync(2));
+    Program::new(slot_pages, vec![Thread::new(ops)])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_program_is_valid() {
+        for p in [
+            stepped(1, 2, 1024, 6, 40),
+            race(2, 2, 256, 6),
+            write_once(3, 300),
+            ring_full(3, 2, 4096, 600, 3),
+            clear_geometry(262_160),
+        ] {
+            p.validate().expect("valid");
+        }
+        for pattern in Pattern::ALL {
+            for vcpus in 1..=4 {
+                concurrent(5, pattern, vcpus, 2048)
+                    .validate()
+                    .expect("valid");
+            }
+        }
+        assert_eq!(
+            stepped(9, 2, 1024, 3, 10),
+            stepped(9, 2, 1024, 3, 10),
+            "deterministic"
+        );
+    }
+}

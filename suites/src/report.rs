@@ -1,0 +1,317 @@
+//! Reports of a run: a text table, JSON, and KTAP (kselftest / KernelCI).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::Serialize;
+use trackcheck_harness::HostProfile;
+
+use crate::trial::{TrialResult, Verdict};
+
+/// A whole run.
+#[derive(Debug, Serialize)]
+pub struct RunReport {
+    /// The host profile.
+    pub host: HostProfile,
+    /// Its key (golden files are per key).
+    pub host_key: String,
+    /// The golden file applied, and whether it existed.
+    pub golden: GoldenInfo,
+    /// trackcheck's version and git revision.
+    pub version: String,
+    /// Wall time of the run, seconds.
+    pub seconds: f64,
+    /// Trials per second.
+    pub trials_per_second: f64,
+    /// Count per verdict.
+    pub summary: BTreeMap<String, usize>,
+    /// Every trial, in matrix order.
+    pub trials: Vec<TrialResult>,
+}
+
+/// Which golden file was applied.
+#[derive(Debug, Serialize)]
+pub struct GoldenInfo {
+    /// Its path.
+    pub path: String,
+    /// Whether it existed.
+    pub found: bool,
+    /// Golden entries with no trial in this run (stale or filtered out).
+    pub unmatched: usize,
+}
+
+impl RunReport {
+    /// Assemble a report.
+    #[must_use]
+    pub fn new(
+        host: HostProfile,
+        golden: GoldenInfo,
+        trials: Vec<TrialResult>,
+        seconds: f64,
+    ) -> Self {
+        let mut summary = BTreeMap::new();
+        for t in &trials {
+            *summary.entry(t.verdict.name().to_string()).or_insert(0) += 1;
+        }
+        let trials_per_second = if seconds > 0.0 {
+            trials.len() as f64 / seconds
+        } else {
+            0.0
+        };
+        Self {
+            host_key: host.key(),
+            host,
+            golden,
+            version: format!(
+                "{} ({})",
+                env!("CARGO_PKG_VERSION"),
+                option_env!("TRACKCHECK_GIT_REV").unwrap_or("unknown revision")
+            ),
+            seconds,
+            trials_per_second,
+            summary,
+            trials,
+        }
+    }
+
+    /// True when any trial's verdict is unexpected (exit status 1).
+    #[must_use]
+    pub fn has_unexpected(&self) -> bool {
+        self.trials.iter().any(|t| t.verdict.is_unexpected())
+    }
+
+    /// The final table and summary.
+    #[must_use]
+    pub fn text(&self) -> String {
+        let mut out = String::new();
+        let w = self
+            .trials
+            .iter()
+            .map(|t| t.name.len())
+            .max()
+            .unwrap_or(20)
+            .max(5);
+        let _ = writeln!(
+            out,
+            "{:<w$}  {:<16} {:>8} {:>8} {:>6} {:>6}",
+            "trial", "verdict", "written", "reported", "lost", "extra"
+        );
+        for t in &self.trials {
+            let counts = if matches!(t.verdict, Verdict::Skip) {
+                String::new()
+            } else {
+                format!(
+                    "{:>8} {:>8} {:>6} {:>6}",
+                    t.written,
+                    t.reported,
+                    t.lost.len(),
+                    t.extra
+                )
+            };
+            let _ = writeln!(
+                out,
+                "{:<w$}  {:<16} {counts}",
+                t.name,
+                t.verdict.name().to_uppercase()
+            );
+        }
+        let attention: Vec<&TrialResult> = self
+            .trials
+            .iter()
+            .filter(|t| !matches!(t.verdict, Verdict::Pass | Verdict::Skip))
+            .collect();
+        if !attention.is_empty() {
+            let _ = writeln!(out, "\nfailures, known failures and errors:");
+            for t in attention {
+                let _ = writeln!(out, "  {} {}", t.verdict.name().to_uppercase(), t.name);
+                if let Some(r) = &t.reason {
+                    let _ = writeln!(out, "      {r}");
+                }
+                for e in t.evidence.iter().filter(|e| e.starts_with("kernel")) {
+                    let _ = writeln!(out, "      {e}");
+                }
+                let _ = writeln!(out, "      seed {}; replay: {}", t.seed, t.replay);
+            }
+        }
+        let mut skips: BTreeMap<&str, usize> = BTreeMap::new();
+        for t in self.trials.iter().filter(|t| t.verdict == Verdict::Skip) {
+            *skips
+                .entry(t.reason.as_deref().unwrap_or("no reason"))
+                .or_default() += 1;
+        }
+        if !skips.is_empty() {
+            let _ = writeln!(out, "\nskipped (reason: trials):");
+            for (reason, n) in skips {
+                let _ = writeln!(out, "  {n:>4}  {reason}");
+            }
+        }
+        let counts: Vec<String> = self
+            .summary
+            .iter()
+            .map(|(k, v)| format!("{v} {k}"))
+            .collect();
+        let _ = writeln!(
+            out,
+            "\n{} trials in {:.1}s ({:.1} trials/s): {}",
+            self.trials.len(),
+            self.seconds,
+            self.trials_per_second,
+            counts.join(", ")
+        );
+        let _ = writeln!(
+            out,
+            "host {} | kernel {} | golden {}{}",
+            self.host_key,
+            self.host.kernel.release,
+            self.golden.path,
+            if self.golden.found {
+                ""
+            } else {
+                " (none: failures count as failures; record expectations with --bless)"
+            }
+        );
+        out
+    }
+
+    /// KTAP version 1: one result line per trial; known failures are `ok ... # XFAIL`,
+    /// skips `ok ... # SKIP`, harness errors `not ok ... # ERROR`.
+    #[must_use]
+    pub fn ktap(&self) -> String {
+        let mut out = String::from("KTAP version 1\n");
+        let _ = writeln!(
+            out,
+            "# trackcheck {} on {} (kernel {})",
+            self.version, self.host_key, self.host.kernel.release
+        );
+        let _ = writeln!(out, "1..{}", self.trials.len());
+        for (i, t) in self.trials.iter().enumerate() {
+            let n = i + 1;
+            let reason = one_line(t.reason.as_deref().unwrap_or(""));
+            for l in t.lost.iter().take(5) {
+                let _ = writeln!(out, "# {}: lost {l}", t.name);
+            }
+            let line = match t.verdict {
+                Verdict::Pass => format!("ok {n} {}", t.name),
+                Verdict::Skip => format!("ok {n} {} # SKIP {reason}", t.name),
+                Verdict::KnownFailure => format!("ok {n} {} # XFAIL {reason}", t.name),
+                Verdict::Fail => format!("not ok {n} {} # {reason}", t.name),
+                Verdict::UnexpectedPass => {
+                    format!("not ok {n} {} # unexpected pass: {reason}", t.name)
+                }
+                Verdict::Error => format!("not ok {n} {} # ERROR {reason}", t.name),
+            };
+            let _ = writeln!(out, "{}", line.trim_end());
+        }
+        let counts: Vec<String> = self
+            .summary
+            .iter()
+            .map(|(k, v)| format!("{k}:{v}"))
+            .collect();
+        let _ = writeln!(out, "# Totals: {}", counts.join(" "));
+        out
+    }
+}
+
+/// A reason on one line without `#` (which would start a new KTAP directive).
+fn one_line(s: &str) -> String {
+    s.replace(['\n', '\r'], " ").replace('#', "No.")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{Scenario, TrialSpec};
+    use crate::trial::{FailKind, replay_command};
+    use trackcheck_harness::track::TrackerSpec;
+    use trackcheck_harness::{Backing, ExecutionMode};
+
+    fn result(verdict: Verdict, reason: Option<&str>) -> TrialResult {
+        let spec = TrialSpec {
+            tracker: TrackerSpec::DirtyLog,
+            scenario: Scenario::Stepped,
+            backing: Backing::Anon,
+            mode: ExecutionMode::Native,
+            inject: None,
+        };
+        TrialResult {
+            name: format!("{}-{}", spec.name(), verdict.name()),
+            mechanism: "dirty-log".into(),
+            scenario: "stepped".into(),
+            mode: "native".into(),
+            backing: "anon".into(),
+            verdict,
+            reason: reason.map(String::from),
+            fail_kind: (verdict == Verdict::Fail).then_some(FailKind::Lost),
+            seed: 7,
+            replay: replay_command(&spec, 7),
+            written: 3,
+            reported: 3,
+            extra: 0,
+            allowed: BTreeMap::new(),
+            unexplained: 0,
+            lost: Vec::new(),
+            rounds: 2,
+            duration_ms: 1.0,
+            evidence: Vec::new(),
+            injected_pages: None,
+            spec,
+        }
+    }
+
+    /// Every line is a KTAP line: version, plan, result (`ok`/`not ok` N name [# ...]) or a
+    /// diagnostic (`#`); results are numbered 1..N in order; the plan matches.
+    #[test]
+    fn ktap_is_well_formed() {
+        let trials = vec![
+            result(Verdict::Pass, None),
+            result(Verdict::Skip, Some("no pool")),
+            result(Verdict::KnownFailure, Some("lost 2 page(s) # see")),
+            result(Verdict::Fail, Some("lost\n1 page")),
+            result(Verdict::UnexpectedPass, Some("review")),
+            result(Verdict::Error, Some("EIO")),
+        ];
+        let report = RunReport::new(
+            HostProfile::probe(),
+            GoldenInfo {
+                path: "g".into(),
+                found: true,
+                unmatched: 0,
+            },
+            trials,
+            1.0,
+        );
+        let ktap = report.ktap();
+        let lines: Vec<&str> = ktap.lines().collect();
+        assert_eq!(lines[0], "KTAP version 1");
+        let plan = lines.iter().find(|l| l.starts_with("1..")).expect("plan");
+        assert_eq!(*plan, "1..6");
+        let mut next = 1;
+        for l in &lines[1..] {
+            if l.starts_with('#') || l.starts_with("1..") {
+                continue;
+            }
+            let rest = l
+                .strip_prefix("ok ")
+                .or_else(|| l.strip_prefix("not ok "))
+                .unwrap_or_else(|| panic!("not a KTAP line: {l}"));
+            let (num, tail) = rest.split_once(' ').expect("number and name");
+            assert_eq!(num.parse::<usize>().expect("number"), next);
+            next += 1;
+            assert_eq!(
+                tail.matches('#').count().min(1),
+                usize::from(tail.contains('#'))
+            );
+            assert!(
+                tail.matches(" # ").count() <= 1,
+                "one directive at most: {l}"
+            );
+        }
+        assert_eq!(next, 7);
+        assert!(
+            ktap.contains("# SKIP no pool")
+                && ktap.contains("# XFAIL lost 2 page(s) No. see")
+                && ktap.contains("# ERROR EIO")
+        );
+        assert!(report.has_unexpected());
+    }
+}

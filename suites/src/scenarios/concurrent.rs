@@ -1,0 +1,259 @@
+//! Concurrent harvest: vCPUs write continuously while the host harvests in a loop, copying
+//! reported pages to a shadow. After the vCPUs stop and a final harvest, the shadow must equal
+//! guest memory; a difference names the lost write by its stamp, and the harvest round that
+//! should have reported it by the progress snapshots taken before each collect.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use trackcheck_guests::Event;
+use trackcheck_guests::sim::ThreadEvents;
+use trackcheck_harness::Stop;
+use trackcheck_harness::machine::{Machine, RunView, VcpuState};
+use trackcheck_harness::oracle::{LostPage, Shadow, attribute_round};
+use trackcheck_harness::track::{PageSet, Step, TrackSource, Tracker, harvest};
+
+use super::{Findings, TrialError, TrialTracker, check_mode};
+use crate::programs;
+use crate::spec::{Scenario, TrialSpec};
+
+/// Least time the host harvests while the guest writes.
+const MIN_DURATION: Duration = Duration::from_millis(100);
+/// Most time the host waits for the guest to do the minimum work.
+const MAX_DURATION: Duration = Duration::from_secs(5);
+/// Harvests during which the guest must have made progress.
+const MIN_BUSY_ROUNDS: u32 = 10;
+/// Writes each vCPU must make (or one pass over its pages, if shorter).
+const MIN_WRITES: u64 = 512;
+/// How long a vCPU may stay on KVM_EXIT_DIRTY_RING_FULL while the host keeps resetting.
+const RING_FULL_PATIENCE: Duration = Duration::from_secs(2);
+
+/// Harvest once, copying at the copy step.
+fn harvest_into<S: TrackSource>(
+    tracker: &mut dyn Tracker,
+    src: &mut S,
+    out: &mut PageSet,
+    shadow: &mut Shadow,
+    data: impl Fn(&S) -> &trackcheck_harness::GuestMemory,
+) -> Result<u64, TrialError> {
+    out.clear();
+    harvest(
+        tracker,
+        src,
+        out,
+        |step, src, set| -> Result<(), TrialError> {
+            if step == Step::Copy {
+                shadow.copy(data(src), set);
+            }
+            Ok(())
+        },
+    )?;
+    Ok(out.len())
+}
+
+pub(super) fn run(
+    spec: &TrialSpec,
+    seed: u64,
+    tracker: &mut TrialTracker,
+) -> Result<Findings, TrialError> {
+    let Scenario::Concurrent { pattern, vcpus } = spec.scenario else {
+        return Err(TrialError::Error("not a concurrent scenario".into()));
+    };
+    let vcpus = usize::from(vcpus);
+    let pages = super::data_pages(&spec.scenario);
+    // With a fault injected, each page is written once, so a page the fault lost is never
+    // written (and reported) again: the self-test is deterministic.
+    let program = if spec.inject.is_some() {
+        programs::write_once(vcpus, pages)
+    } else {
+        programs::concurrent(seed, pattern, vcpus, pages)
+    };
+    let mut m = super::machine(spec, spec.tracker.ring_bytes())?;
+    let mut limits = m.limits();
+    limits.ring_full_wait = Some(RING_FULL_PATIENCE);
+    limits.watchdog = Duration::from_secs(10);
+    m.set_limits(limits);
+    let min_writes: Vec<u64> = program
+        .vcpus
+        .iter()
+        .map(|t| match t.ops.first() {
+            Some(trackcheck_guests::Op::Loop { pages, .. }) => pages.len().min(MIN_WRITES),
+            _ => MIN_WRITES,
+        })
+        .collect();
+    let findings = drive(
+        &mut m,
+        &program,
+        tracker.get(),
+        spec.inject.is_some(),
+        &min_writes,
+    )?;
+    m.detach(tracker.get())?;
+    Ok(findings)
+}
+
+/// Whether the run did the work a concurrent trial needs.
+#[derive(Debug, Clone, Copy, Default)]
+struct Work {
+    busy_rounds: u32,
+    enough: bool,
+}
+
+fn drive(
+    m: &mut Machine,
+    program: &trackcheck_guests::Program,
+    tracker: &mut dyn Tracker,
+    write_once: bool,
+    min_writes: &[u64],
+) -> Result<Findings, TrialError> {
+    let n = program.vcpu_count();
+    m.load(program)?;
+    let before = m.vcpu_stats();
+    m.attach(tracker)?;
+    let layout = m.data_layout();
+    let mut shadow = Shadow::new(layout.clone(), m.data());
+    let mut out = PageSet::new();
+    // Baseline harvest before the guest runs (INITIALLY_SET reports everything here).
+    let mut reported = harvest_into(tracker, m, &mut out, &mut shadow, Machine::data)?;
+    let (host, run) = m.run_with(|view| {
+        let mut snapshots: Vec<Vec<u64>> = Vec::new();
+        let mut reported = 0;
+        let mut work = Work::default();
+        let start = Instant::now();
+        let mut v: &RunView<'_> = view;
+        let mut harvest_once =
+            |snapshots: &mut Vec<Vec<u64>>, reported: &mut u64| -> Result<Vec<u64>, TrialError> {
+                let now: Vec<u64> = (0..n).map(|i| view.progress(i)).collect();
+                snapshots.push(now.clone());
+                *reported += harvest_into(
+                    tracker,
+                    &mut v,
+                    &mut out,
+                    &mut shadow,
+                    |s: &&RunView<'_>| s.data(),
+                )?;
+                Ok(now)
+            };
+        let result = (|| -> Result<(), TrialError> {
+            let mut previous: Vec<u64> = vec![0; n];
+            loop {
+                let now = harvest_once(&mut snapshots, &mut reported)?;
+                if now != previous {
+                    work.busy_rounds += 1;
+                }
+                work.enough = now.iter().zip(min_writes).all(|(p, m)| p >= m)
+                    && work.busy_rounds >= MIN_BUSY_ROUNDS;
+                let elapsed = start.elapsed();
+                let done = if write_once {
+                    view.running() == 0
+                } else {
+                    work.enough && elapsed >= MIN_DURATION
+                };
+                if done || elapsed >= MAX_DURATION {
+                    return Ok(());
+                }
+                previous = now;
+                // Leave the CPUs to the vCPUs (and a uffd handler) between harvests.
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        })();
+        for i in 0..n {
+            view.request_stop(i);
+        }
+        // Keep harvesting until every vCPU has finished: one waiting on a full dirty ring only
+        // sees the stop flag once its ring is reset.
+        let stopping = Instant::now();
+        let result = result.and_then(|()| {
+            while view.running() > 0 && stopping.elapsed() < RING_FULL_PATIENCE * 2 {
+                harvest_once(&mut snapshots, &mut reported)?;
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            Ok(())
+        });
+        result.map(|()| (snapshots, reported, work))
+    });
+    let (mut snapshots, during, work) = host?;
+    let run_stops = run?;
+    let mut hazards = Vec::new();
+    for (i, state) in m.states().iter().take(n).enumerate() {
+        if matches!(state, VcpuState::Done { .. }) {
+            continue;
+        }
+        if run_stops
+            .iter()
+            .any(|(v, s)| *v == i && *s == Stop::RingFull)
+        {
+            hazards.push(format!(
+                "vCPU {i} stuck on KVM_EXIT_DIRTY_RING_FULL for {}s although the host kept collecting and resetting the rings (progress {})",
+                RING_FULL_PATIENCE.as_secs(),
+                m.progress(i)
+            ));
+        } else {
+            return Err(TrialError::Error(format!(
+                "vCPU {i} did not finish after the stop flag: {state:?}"
+            )));
+        }
+    }
+    reported += during;
+    if !write_once && !work.enough && hazards.is_empty() {
+        let progress: Vec<u64> = (0..n).map(|i| m.progress(i)).collect();
+        return Err(TrialError::Error(format!(
+            "not exercised: in {}s the vCPUs made {progress:?} writes (each needs {min_writes:?}) over {} busy harvests (needs {MIN_BUSY_ROUNDS})",
+            MAX_DURATION.as_secs(),
+            work.busy_rounds
+        )));
+    }
+    snapshots.push((0..n).map(|i| m.progress(i)).collect());
+    reported += harvest_into(tracker, m, &mut out, &mut shadow, Machine::data)?;
+    let after = m.vcpu_stats();
+    let mut findings = Findings {
+        hazards,
+        ..Findings::default()
+    };
+    let rounds = u32::try_from(snapshots.len()).unwrap_or(u32::MAX);
+    for mm in shadow.compare(m.data()) {
+        let round = attribute_round(&snapshots[..snapshots.len() - 1], mm.vcpu(), mm.seq());
+        findings.report.add_lost(LostPage::at(
+            &layout,
+            mm.data_page,
+            mm.vcpu(),
+            mm.seq(),
+            round,
+        ));
+    }
+    // Written: distinct pages the guest wrote, from the interpreter up to each vCPU's progress.
+    let mut written = BTreeSet::new();
+    for (v, thread) in program.vcpus.iter().enumerate() {
+        let target = m.progress(v);
+        for e in ThreadEvents::new(thread) {
+            match e {
+                Event::Write { page, seq, .. } if seq <= target => {
+                    written.insert(page);
+                }
+                Event::Write { .. } | Event::Done { .. } | Event::Misbehave(_) => break,
+                _ => {}
+            }
+        }
+    }
+    findings.report.written = written.len() as u64;
+    findings.report.reported = reported;
+    findings.report.rounds = rounds + 1;
+    let evidence = m.mode_evidence(&before, &after, m.total_progress());
+    findings.evidence.push(evidence.summary());
+    findings.evidence.push(format!(
+        "{} writes by {n} vCPUs to {} distinct pages; {} harvests while running, {} of them after guest progress",
+        m.total_progress(),
+        written.len(),
+        rounds - 1,
+        work.busy_rounds
+    ));
+    if m.ring_full_exits() > 0 {
+        findings.evidence.push(format!(
+            "{} KVM_EXIT_DIRTY_RING_FULL exits waited out",
+            m.ring_full_exits()
+        ));
+    }
+    check_mode(&evidence)?;
+    findings.mode = Some(evidence);
+    Ok(findings)
+}

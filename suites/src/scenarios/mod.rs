@@ -1,0 +1,220 @@
+//! Scenario drivers: each builds a machine and a tracker for a [`TrialSpec`], runs its
+//! programs, and returns what the oracle found.
+
+mod concurrent;
+mod crosscheck;
+mod geometry;
+mod stepped;
+
+use std::time::Duration;
+
+use trackcheck_harness::HostProfile;
+use trackcheck_harness::machine::{Machine, MachineConfig, MachineError};
+use trackcheck_harness::oracle::OracleReport;
+use trackcheck_harness::track::inject::{Injected, applicability};
+use trackcheck_harness::track::{PageSet, TrackError, Tracker};
+use trackcheck_harness::vcpu::RunLimits;
+use trackcheck_harness::{ModeEvidence, ObservedMode, support};
+
+use crate::spec::{Scenario, TrialSpec};
+
+/// Why a trial ended without the oracle's verdict.
+#[derive(Debug)]
+pub enum TrialError {
+    /// The host cannot run it (skip with this reason).
+    Skip(String),
+    /// The harness could not run it.
+    Error(String),
+    /// The kernel hung a vCPU, stormed it with exits or shut it down mid-trial: a FAIL with
+    /// the watchdog's evidence.
+    Hazard(String),
+}
+
+impl From<MachineError> for TrialError {
+    fn from(e: MachineError) -> Self {
+        match e {
+            MachineError::Run(_) => Self::Hazard(e.to_string()),
+            e if e.is_unsupported() => Self::Skip(e.to_string()),
+            e => Self::Error(e.to_string()),
+        }
+    }
+}
+
+impl From<TrackError> for TrialError {
+    fn from(e: TrackError) -> Self {
+        Self::Error(e.to_string())
+    }
+}
+
+impl From<String> for TrialError {
+    fn from(e: String) -> Self {
+        Self::Error(e)
+    }
+}
+
+/// What a scenario found.
+#[derive(Debug, Default)]
+pub struct Findings {
+    /// The oracle's report (lost pages, counts).
+    pub report: OracleReport,
+    /// Problems that are not lost pages (API misbehaviour, cross-check disagreement).
+    pub problems: Vec<String>,
+    /// Kernel hazards met on the way (a vCPU KVM never lets run again); the oracle still
+    /// checked everything the guest wrote before.
+    pub hazards: Vec<String>,
+    /// Supporting facts (mode evidence, stats, ring-full exits).
+    pub evidence: Vec<String>,
+    /// Pages an injected fault touched.
+    pub affected: Option<PageSet>,
+    /// The execution mode, as proven by KVM's stats.
+    pub mode: Option<ModeEvidence>,
+}
+
+/// The tracker of a trial, with its injected fault if any.
+#[derive(Debug)]
+pub enum TrialTracker {
+    /// The mechanism as it is.
+    Plain(Box<dyn Tracker>),
+    /// The mechanism with a deliberate loss.
+    Injected(Injected),
+}
+
+impl TrialTracker {
+    /// Build the tracker `spec` asks for; a fault that cannot lose writes on this mechanism is
+    /// a skip with the reason.
+    pub fn new(spec: &TrialSpec) -> Result<Self, TrialError> {
+        let inner = spec.tracker.build();
+        match spec.inject {
+            None => Ok(Self::Plain(inner)),
+            Some(fault) => {
+                applicability(fault, inner.rearm_kind()).map_err(|why| {
+                    TrialError::Skip(format!(
+                        "{fault} cannot lose writes on {}: {why}",
+                        spec.tracker.label()
+                    ))
+                })?;
+                Ok(Self::Injected(Injected::new(inner, fault)))
+            }
+        }
+    }
+
+    /// The tracker to drive.
+    pub fn get(&mut self) -> &mut dyn Tracker {
+        match self {
+            Self::Plain(t) => t.as_mut(),
+            Self::Injected(i) => i,
+        }
+    }
+
+    /// Pages the injected fault touched.
+    #[must_use]
+    pub fn affected(&self) -> Option<PageSet> {
+        match self {
+            Self::Plain(_) => None,
+            Self::Injected(i) => Some(i.affected().clone()),
+        }
+    }
+}
+
+/// Data pages per scenario.
+#[must_use]
+pub fn data_pages(scenario: &Scenario) -> u64 {
+    match scenario {
+        Scenario::Stepped | Scenario::CrossCheck { .. } => 1024,
+        Scenario::Race => 256,
+        Scenario::Concurrent { .. } => 2048,
+        Scenario::RingFull { .. } => 4096,
+        Scenario::ClearGeometry => geometry::SLOT_PAGES,
+    }
+}
+
+/// vCPUs per scenario.
+#[must_use]
+pub fn vcpus(scenario: &Scenario) -> usize {
+    match scenario {
+        Scenario::Concurrent { vcpus, .. } | Scenario::RingFull { vcpus } => usize::from(*vcpus),
+        Scenario::ClearGeometry => 1,
+        _ => 2,
+    }
+}
+
+/// Build the machine for `spec`.
+pub fn machine(spec: &TrialSpec, tracker_ring: Option<u32>) -> Result<Machine, TrialError> {
+    let config = MachineConfig {
+        vcpus: vcpus(&spec.scenario),
+        data_pages: data_pages(&spec.scenario),
+        backing: spec.backing,
+        mode: spec.mode,
+        dirty_ring: tracker_ring,
+        populate: spec.scenario != Scenario::ClearGeometry,
+        limits: RunLimits {
+            watchdog: Duration::from_secs(30),
+            ..RunLimits::default()
+        },
+        ..MachineConfig::default()
+    };
+    Ok(Machine::new(config)?)
+}
+
+/// Check the host can run `spec` at all; the reason if not.
+pub fn precheck(spec: &TrialSpec, host: &HostProfile) -> Result<(), String> {
+    let mech = spec.tracker.mechanism();
+    if let Some(r) = mech.support(host).reason() {
+        return Err(format!("{mech}: {r}"));
+    }
+    if let Some(r) = support::mode_support(host, spec.mode).reason() {
+        return Err(format!("{} execution: {r}", spec.mode));
+    }
+    if let Some(r) = support::backing_support(host, spec.backing).reason() {
+        return Err(format!("{} backing: {r}", spec.backing));
+    }
+    if let (Some(bytes), Ok(kvm)) = (spec.tracker.ring_bytes(), host.kvm()) {
+        let max = kvm
+            .cap("DIRTY_LOG_RING_ACQ_REL")
+            .max(kvm.cap("DIRTY_LOG_RING"));
+        if i64::from(bytes) > max {
+            return Err(format!(
+                "a {bytes}-byte dirty ring exceeds this host's maximum of {max} bytes"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Run the scenario of `spec`.
+pub fn run(spec: &TrialSpec, seed: u64) -> Result<Findings, TrialError> {
+    let mut tracker = TrialTracker::new(spec)?;
+    let mut findings = match spec.scenario {
+        Scenario::Stepped | Scenario::Race | Scenario::RingFull { .. } => {
+            stepped::run(spec, seed, &mut tracker)?
+        }
+        Scenario::Concurrent { .. } => concurrent::run(spec, seed, &mut tracker)?,
+        Scenario::ClearGeometry => geometry::run(spec, &mut tracker)?,
+        Scenario::CrossCheck { against } => crosscheck::run(spec, against, seed, &mut tracker)?,
+    };
+    findings.affected = tracker.affected();
+    Ok(findings)
+}
+
+/// The mode the stats prove, as evidence; an error when they prove the opposite of what was
+/// asked (the trial would not test what its name says).
+fn check_mode(evidence: &ModeEvidence) -> Result<(), TrialError> {
+    let contradicts = matches!(
+        (evidence.requested, evidence.observed),
+        (
+            trackcheck_harness::ExecutionMode::Native,
+            ObservedMode::Emulated
+        ) | (
+            trackcheck_harness::ExecutionMode::Emulated,
+            ObservedMode::Native
+        )
+    );
+    if contradicts {
+        Err(TrialError::Error(format!(
+            "execution mode not obtained: {}",
+            evidence.summary()
+        )))
+    } else {
+        Ok(())
+    }
+}

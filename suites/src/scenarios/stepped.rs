@@ -1,0 +1,212 @@
+//! Stepped runs: guest and host alternate, so the oracle knows exactly which pages were
+//! written before each collect (stepped, race, ring-full; the clear-geometry and cross-check
+//! scenarios reuse the driver).
+
+use trackcheck_guests::Program;
+use trackcheck_harness::Stop;
+use trackcheck_harness::machine::{Machine, VcpuState};
+use trackcheck_harness::oracle::Ledger;
+use trackcheck_harness::oracle::{CollectContext, ExtraRecord, LostPage, Shadow};
+use trackcheck_harness::track::{PageSet, Step, Tracker, harvest};
+
+use super::{Findings, TrialError, TrialTracker, check_mode};
+use crate::programs;
+use crate::spec::{Scenario, TrialSpec};
+
+/// Stepped, race and ring-full scenarios.
+pub(super) fn run(
+    spec: &TrialSpec,
+    seed: u64,
+    tracker: &mut TrialTracker,
+) -> Result<Findings, TrialError> {
+    let pages = super::data_pages(&spec.scenario);
+    let vcpus = super::vcpus(&spec.scenario);
+    let program = match spec.scenario {
+        Scenario::Race => programs::race(seed, vcpus, pages, 6),
+        Scenario::RingFull { .. } => programs::ring_full(seed, vcpus, pages, 600, 3),
+        _ => programs::stepped(seed, vcpus, pages, 6, 40),
+    };
+    let mut machine = super::machine(spec, spec.tracker.ring_bytes())?;
+    let race = spec.scenario == Scenario::Race;
+    let run = drive(&mut machine, &program, tracker.get(), race)?;
+    machine.detach(tracker.get())?;
+    Ok(run.findings)
+}
+
+/// What a stepped run produced.
+#[derive(Debug, Default)]
+pub(super) struct SteppedRun {
+    /// The findings.
+    pub findings: Findings,
+    /// Each collect's reported set, in order.
+    pub rounds: Vec<PageSet>,
+    /// Every extra page with its class.
+    pub extras: Vec<ExtraRecord>,
+}
+
+fn progress(m: &Machine, vcpus: usize) -> Vec<u64> {
+    (0..vcpus).map(|v| m.progress(v)).collect()
+}
+
+fn any_ready(m: &Machine) -> bool {
+    m.states().iter().any(|s| matches!(s, VcpuState::Ready(_)))
+}
+
+/// Runs in a row that may end on a full ring without progress before the vCPUs count as stuck.
+const STALL_LIMIT: u32 = 1000;
+
+/// Run every ready vCPU to its next stop. A vCPU that only ever reports a full dirty ring
+/// without progress is stuck: after [`STALL_LIMIT`] such runs in a row, segments stop running.
+fn segment(m: &mut Machine, stalls: &mut u32) -> Result<(), TrialError> {
+    if *stalls >= STALL_LIMIT {
+        return Ok(());
+    }
+    let before = m.total_progress();
+    let stops = m.run()?;
+    let ring_only = !stops.is_empty() && stops.iter().all(|(_, s)| *s == Stop::RingFull);
+    if ring_only && m.total_progress() == before {
+        *stalls += 1;
+    } else {
+        *stalls = 0;
+    }
+    Ok(())
+}
+
+struct Stepper<'p> {
+    ledger: Ledger<'p>,
+    shadow: Shadow,
+    out: PageSet,
+    rounds: Vec<PageSet>,
+    huge: u64,
+    vcpus: usize,
+    stalls: u32,
+}
+
+impl Stepper<'_> {
+    /// One harvest at a point where every vCPU is stopped. With `race`, the guest runs a
+    /// segment after every step but the last.
+    fn harvest(
+        &mut self,
+        m: &mut Machine,
+        tracker: &mut dyn Tracker,
+        race: bool,
+    ) -> Result<(), TrialError> {
+        self.ledger.observe(&progress(m, self.vcpus))?;
+        self.out.clear();
+        let ctx = CollectContext {
+            everything: tracker.reports_everything_next(),
+            huge_unit_pages: self.huge,
+        };
+        let last = tracker.order()[2];
+        let Self {
+            ledger,
+            shadow,
+            out,
+            rounds,
+            vcpus,
+            stalls,
+            ..
+        } = self;
+        harvest(
+            tracker,
+            m,
+            out,
+            |step, m: &mut Machine, set| -> Result<(), TrialError> {
+                match step {
+                    Step::Collect => {
+                        ledger.collected(set, ctx);
+                        rounds.push(set.clone());
+                    }
+                    Step::Copy => {
+                        shadow.copy(m.data(), set);
+                        ledger.copied(set);
+                    }
+                    Step::Rearm => {}
+                }
+                if race && step != last && any_ready(m) {
+                    segment(m, stalls)?;
+                    ledger.observe(&progress(m, *vcpus))?;
+                }
+                Ok(())
+            },
+        )
+    }
+}
+
+/// Load `program`, attach `tracker`, and alternate guest segments and harvests until every
+/// vCPU is done; then a final harvest and the shadow comparison. The tracker stays attached.
+pub(super) fn drive(
+    m: &mut Machine,
+    program: &Program,
+    tracker: &mut dyn Tracker,
+    race: bool,
+) -> Result<SteppedRun, TrialError> {
+    m.load(program)?;
+    let before = m.vcpu_stats();
+    m.attach(tracker)?;
+    let layout = m.data_layout();
+    let huge = if tracker.reports_huge_units() {
+        m.config().backing.page_bytes() / 4096
+    } else {
+        1
+    };
+    let mut ledger = Ledger::new(program, layout.clone(), tracker.allowances());
+    ledger.record_extras();
+    let mut st = Stepper {
+        ledger,
+        shadow: Shadow::new(layout.clone(), m.data()),
+        out: PageSet::new(),
+        rounds: Vec::new(),
+        huge,
+        vcpus: program.vcpu_count(),
+        stalls: 0,
+    };
+    st.harvest(m, tracker, false)?; // baseline: everything before the guest runs
+    while any_ready(m) && st.stalls < STALL_LIMIT {
+        segment(m, &mut st.stalls)?;
+        st.harvest(m, tracker, race)?;
+    }
+    st.harvest(m, tracker, false)?; // final: every vCPU is done (or stuck)
+    let after = m.vcpu_stats();
+    let rounds = st.ledger.report().rounds;
+    let mut findings = Findings::default();
+    if st.stalls >= STALL_LIMIT {
+        findings.hazards.push(format!(
+            "vCPUs stuck on KVM_EXIT_DIRTY_RING_FULL: {STALL_LIMIT} runs in a row without progress although the rings were collected and reset (progress {:?})",
+            progress(m, st.vcpus)
+        ));
+    }
+    // Memory must now equal the shadow; a difference the containment check did not name is
+    // still a lost write, named by the stamp in memory.
+    for mm in st.shadow.compare(m.data()) {
+        st.ledger.report_mut().add_lost(LostPage::at(
+            &layout,
+            mm.data_page,
+            mm.vcpu(),
+            mm.seq(),
+            rounds,
+        ));
+    }
+    let evidence = m.mode_evidence(&before, &after, m.total_progress());
+    findings.evidence.push(evidence.summary());
+    findings.evidence.push(format!(
+        "{} writes to {} distinct pages over {} harvests",
+        m.total_progress(),
+        st.ledger.pages_written(),
+        rounds
+    ));
+    if !st.ledger.unexplained_examples.is_empty() {
+        findings.evidence.push(format!(
+            "unexplained extra pages (slot, page): {:?}",
+            st.ledger.unexplained_examples
+        ));
+    }
+    check_mode(&evidence)?;
+    findings.mode = Some(evidence);
+    findings.report = st.ledger.report().clone();
+    Ok(SteppedRun {
+        extras: st.ledger.extras_log.take().unwrap_or_default(),
+        findings,
+        rounds: st.rounds,
+    })
+}

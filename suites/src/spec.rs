@@ -1,0 +1,195 @@
+//! What one trial is: mechanism x scenario x backing x execution mode (+ an injected fault),
+//! and its name, which is a path so filters select families (`cargo test dirty-ring`).
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use trackcheck_harness::track::TrackerSpec;
+use trackcheck_harness::track::inject::Fault;
+use trackcheck_harness::{Backing, ExecutionMode};
+
+/// How concurrent writers walk their pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Pattern {
+    /// Each vCPU sweeps its own pages in order.
+    Sequential,
+    /// Every vCPU visits a seeded permutation of the whole region (pages shared).
+    Random,
+    /// Each vCPU visits every 8th page of its own pages.
+    Strided,
+    /// 90% of writes to a small shared hot set, 10% anywhere.
+    HotCold,
+}
+
+impl Pattern {
+    /// Every pattern.
+    pub const ALL: [Self; 4] = [Self::Sequential, Self::Random, Self::Strided, Self::HotCold];
+
+    /// Name in trial names.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Sequential => "sequential",
+            Self::Random => "random",
+            Self::Strided => "strided",
+            Self::HotCold => "hot-cold",
+        }
+    }
+}
+
+/// A scenario family and its parameters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "family")]
+pub enum Scenario {
+    /// Rounds of seeded random page sets on two vCPUs; harvest between rounds.
+    Stepped,
+    /// Like stepped, but the guest runs a segment between collect and rearm and between rearm
+    /// and copy: writes land inside the harvest.
+    Race,
+    /// vCPUs write continuously while the host harvests in a loop; shadow-copy oracle.
+    Concurrent {
+        /// Walk.
+        pattern: Pattern,
+        /// vCPUs writing.
+        vcpus: u8,
+    },
+    /// Segments far larger than the dirty ring's soft limit: KVM_EXIT_DIRTY_RING_FULL, harvest,
+    /// resume, on several vCPUs.
+    RingFull {
+        /// vCPUs writing.
+        vcpus: u8,
+    },
+    /// A slot of 1 GiB + 16 pages: writes at both ends, CLEAR ranges that end at the slot's end,
+    /// and invalid ranges that must get EINVAL.
+    ClearGeometry,
+    /// The stepped program under this mechanism and under `against`: per round, the reported
+    /// sets must agree except for pages an allowance explains.
+    CrossCheck {
+        /// The reference mechanism.
+        against: TrackerSpec,
+    },
+}
+
+impl Scenario {
+    /// Name in trial names.
+    #[must_use]
+    pub fn name(&self) -> String {
+        match self {
+            Self::Stepped => "stepped".into(),
+            Self::Race => "race".into(),
+            Self::Concurrent { pattern, vcpus } => {
+                format!("concurrent-{}-v{vcpus}", pattern.name())
+            }
+            Self::RingFull { vcpus } => format!("ring-full-v{vcpus}"),
+            Self::ClearGeometry => "clear-geometry".into(),
+            Self::CrossCheck { against } => format!("crosscheck-{}", path_part(&against.label())),
+        }
+    }
+
+    /// The family alone (`stepped`, `concurrent`, ...), for JSON.
+    #[must_use]
+    pub const fn family(&self) -> &'static str {
+        match self {
+            Self::Stepped => "stepped",
+            Self::Race => "race",
+            Self::Concurrent { .. } => "concurrent",
+            Self::RingFull { .. } => "ring-full",
+            Self::ClearGeometry => "clear-geometry",
+            Self::CrossCheck { .. } => "crosscheck",
+        }
+    }
+}
+
+/// `clear-log/whole` -> `clear-log-whole`: labels become one path component.
+#[must_use]
+pub fn path_part(label: &str) -> String {
+    label.replace('/', "-")
+}
+
+/// One trial.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct TrialSpec {
+    /// Mechanism and parameters.
+    pub tracker: TrackerSpec,
+    /// Scenario.
+    pub scenario: Scenario,
+    /// Host backing of the data region.
+    pub backing: Backing,
+    /// Execution mode.
+    pub mode: ExecutionMode,
+    /// A deliberate loss (self-test), if any.
+    pub inject: Option<Fault>,
+}
+
+impl TrialSpec {
+    /// `arch::mechanism::scenario::backing::mode[::inject-fault]`.
+    #[must_use]
+    pub fn name(&self) -> String {
+        let mut name = format!(
+            "{}::{}::{}::{}::{}",
+            std::env::consts::ARCH,
+            path_part(&self.tracker.label()),
+            self.scenario.name(),
+            self.backing,
+            self.mode
+        );
+        if let Some(fault) = self.inject {
+            name.push_str("::inject-");
+            name.push_str(fault.name());
+        }
+        name
+    }
+
+    /// The default seed: a stable hash of the name, so every run of a trial uses the same
+    /// programs unless a seed is given.
+    #[must_use]
+    pub fn default_seed(&self) -> u64 {
+        // FNV-1a: stable across Rust versions, unlike DefaultHasher.
+        self.name().bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        })
+    }
+}
+
+impl fmt::Display for TrialSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trackcheck_harness::track::ClearGranularity;
+
+    #[test]
+    fn names_are_paths_and_seeds_are_stable() {
+        let spec = TrialSpec {
+            tracker: TrackerSpec::ClearLog {
+                initially_set: false,
+                granularity: ClearGranularity::Chunk64,
+            },
+            scenario: Scenario::Concurrent {
+                pattern: Pattern::HotCold,
+                vcpus: 4,
+            },
+            backing: Backing::Thp,
+            mode: ExecutionMode::Native,
+            inject: Some(Fault::DropPage),
+        };
+        assert_eq!(
+            spec.name(),
+            format!(
+                "{}::clear-log-chunk64::concurrent-hot-cold-v4::thp::native::inject-drop-page",
+                std::env::consts::ARCH
+            )
+        );
+        assert_eq!(spec.default_seed(), spec.default_seed());
+        let json = serde_json::to_string(&spec).expect("serialises");
+        assert_eq!(
+            serde_json::from_str::<TrialSpec>(&json).expect("parses"),
+            spec
+        );
+    }
+}

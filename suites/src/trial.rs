@@ -1,0 +1,273 @@
+//! Running one trial: verdict, evidence and the record reports are made of.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use trackcheck_harness::HostProfile;
+use trackcheck_harness::oracle::LostPage;
+
+use trackcheck_harness::vcpu::collect_tids;
+
+use crate::kernel_log::KernelWatch;
+use crate::scenarios::{self, TrialError};
+use crate::spec::TrialSpec;
+
+/// A trial's verdict.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Verdict {
+    /// Every written page was reported.
+    Pass,
+    /// The kernel lost pages, misbehaved (API, hazard), or a required mechanism is missing.
+    Fail,
+    /// Fails the way the golden matrix records for this host (does not fail the run).
+    KnownFailure,
+    /// The golden matrix records a failure, but it passed: review the golden file.
+    UnexpectedPass,
+    /// Cannot run on this host; the reason says why.
+    Skip,
+    /// The harness could not run it.
+    Error,
+}
+
+impl Verdict {
+    /// Name in reports.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Pass => "pass",
+            Self::Fail => "fail",
+            Self::KnownFailure => "known-failure",
+            Self::UnexpectedPass => "unexpected-pass",
+            Self::Skip => "skip",
+            Self::Error => "error",
+        }
+    }
+
+    /// True when this verdict makes the run fail (exit 1, failed test).
+    #[must_use]
+    pub const fn is_unexpected(self) -> bool {
+        matches!(self, Self::Fail | Self::UnexpectedPass | Self::Error)
+    }
+}
+
+/// Why a trial failed, coarsely: the golden matrix compares this, so a known failure must
+/// still fail the same way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailKind {
+    /// Written pages were not reported.
+    Lost,
+    /// The kernel hung, stormed or shut down a vCPU, or logged a WARN.
+    Hazard,
+    /// An interface misbehaved (a CLEAR range rule, a cross-check disagreement).
+    Problem,
+    /// A mechanism demanded by TRACKCHECK_REQUIRE is missing.
+    Required,
+}
+
+impl FailKind {
+    /// Name in golden files.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Lost => "lost",
+            Self::Hazard => "hazard",
+            Self::Problem => "problem",
+            Self::Required => "required",
+        }
+    }
+}
+
+/// Everything known about one trial run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrialResult {
+    /// `arch::mechanism::scenario::backing::mode`.
+    pub name: String,
+    /// Mechanism with parameters (`clear-log/chunk64`).
+    pub mechanism: String,
+    /// Scenario (`concurrent-random-v2`).
+    pub scenario: String,
+    /// Execution mode.
+    pub mode: String,
+    /// Backing.
+    pub backing: String,
+    /// Verdict.
+    pub verdict: Verdict,
+    /// For fail/skip/error: why; for known failures: what the golden file expects too.
+    pub reason: Option<String>,
+    /// How it failed, for failures.
+    pub fail_kind: Option<FailKind>,
+    /// Seed of the programs.
+    pub seed: u64,
+    /// The command that runs this trial again with this seed.
+    pub replay: String,
+    /// Pages that had to be reported, summed over harvests (concurrent: distinct pages written).
+    pub written: u64,
+    /// Pages reported, summed over harvests.
+    pub reported: u64,
+    /// Reported pages no write required (allowed + unexplained).
+    pub extra: u64,
+    /// Extra pages by allowance.
+    pub allowed: BTreeMap<String, u64>,
+    /// Extra pages no allowance explains.
+    pub unexplained: u64,
+    /// Lost writes.
+    pub lost: Vec<LostPage>,
+    /// Harvest rounds.
+    pub rounds: u32,
+    /// Wall time of the trial.
+    pub duration_ms: f64,
+    /// Supporting facts: mode evidence, counts, kernel log lines.
+    pub evidence: Vec<String>,
+    /// Pages an injected fault touched (self-tests).
+    pub injected_pages: Option<Vec<(u32, u64)>>,
+    /// The trial, to replay it.
+    pub spec: TrialSpec,
+}
+
+/// Mechanisms `TRACKCHECK_REQUIRE` (comma separated) demands.
+#[must_use]
+pub fn required_mechanisms() -> Vec<String> {
+    std::env::var("TRACKCHECK_REQUIRE")
+        .map(|v| {
+            v.split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The replay command for `spec` with `seed`.
+#[must_use]
+pub fn replay_command(spec: &TrialSpec, seed: u64) -> String {
+    format!("trackcheck run --exact '{}' --seed {seed}", spec.name())
+}
+
+/// Run `spec` with `seed` on `host`. The verdict is raw (pass / fail / skip / error); golden
+/// expectations are applied by the caller.
+#[must_use]
+pub fn run_trial(
+    spec: &TrialSpec,
+    seed: u64,
+    host: &HostProfile,
+    required: &[String],
+) -> TrialResult {
+    let start = Instant::now();
+    let mut result = TrialResult {
+        name: spec.name(),
+        mechanism: spec.tracker.label(),
+        scenario: spec.scenario.name(),
+        mode: spec.mode.name().into(),
+        backing: spec.backing.name().into(),
+        verdict: Verdict::Pass,
+        reason: None,
+        fail_kind: None,
+        seed,
+        replay: replay_command(spec, seed),
+        written: 0,
+        reported: 0,
+        extra: 0,
+        allowed: BTreeMap::new(),
+        unexplained: 0,
+        lost: Vec::new(),
+        rounds: 0,
+        duration_ms: 0.0,
+        evidence: Vec::new(),
+        injected_pages: None,
+        spec: *spec,
+    };
+    let mechanism = spec.tracker.mechanism();
+    let demanded = required
+        .iter()
+        .any(|r| r == mechanism.name() || r == &spec.tracker.label());
+    if let Err(reason) = scenarios::precheck(spec, host) {
+        skip_or_require(&mut result, reason, demanded);
+        result.duration_ms = start.elapsed().as_secs_f64() * 1e3;
+        return result;
+    }
+    let watch = KernelWatch::start();
+    let (outcome, tids) = collect_tids(|| scenarios::run(spec, seed));
+    let hazards = watch.finish(&tids);
+    match outcome {
+        Err(TrialError::Skip(reason)) => skip_or_require(&mut result, reason, demanded),
+        Err(TrialError::Error(reason)) => {
+            result.verdict = Verdict::Error;
+            result.reason = Some(reason);
+        }
+        Err(TrialError::Hazard(reason)) => fail(&mut result, FailKind::Hazard, reason),
+        Ok(f) => {
+            let r = f.report;
+            result.written = r.written;
+            result.reported = r.reported;
+            result.extra = r.extra();
+            result.allowed.clone_from(&r.allowed);
+            result.unexplained = r.unexplained;
+            result.rounds = r.rounds;
+            result.evidence = f.evidence;
+            result.injected_pages = f.affected.map(|a| a.iter().collect());
+            result.lost = r.lost;
+            result.evidence.extend(f.hazards.iter().cloned());
+            if !result.lost.is_empty() {
+                let first: Vec<String> = result
+                    .lost
+                    .iter()
+                    .take(3)
+                    .map(ToString::to_string)
+                    .collect();
+                let more = if result.lost.len() > 3 {
+                    format!(" (+{} more)", result.lost.len() - 3)
+                } else {
+                    String::new()
+                };
+                let also = f
+                    .hazards
+                    .first()
+                    .map_or(String::new(), |h| format!("; also: {h}"));
+                let reason = format!(
+                    "lost {} page(s): {}{more}{also}",
+                    result.lost.len(),
+                    first.join("; ")
+                );
+                fail(&mut result, FailKind::Lost, reason);
+            } else if let Some(h) = f.hazards.first() {
+                fail(&mut result, FailKind::Hazard, h.clone());
+            } else if !f.problems.is_empty() {
+                fail(&mut result, FailKind::Problem, f.problems.join("; "));
+            }
+        }
+    }
+    if !hazards.is_empty() {
+        result.evidence.extend(hazards.iter().cloned());
+        if result.verdict == Verdict::Pass {
+            fail(
+                &mut result,
+                FailKind::Hazard,
+                format!("kernel hazard during the trial: {}", hazards[0]),
+            );
+        }
+    }
+    result.duration_ms = start.elapsed().as_secs_f64() * 1e3;
+    result
+}
+
+fn fail(result: &mut TrialResult, kind: FailKind, reason: String) {
+    result.verdict = Verdict::Fail;
+    result.fail_kind = Some(kind);
+    result.reason = Some(reason);
+}
+
+fn skip_or_require(result: &mut TrialResult, reason: String, demanded: bool) {
+    if demanded {
+        fail(
+            result,
+            FailKind::Required,
+            format!("required by TRACKCHECK_REQUIRE but unavailable: {reason}"),
+        );
+    } else {
+        result.verdict = Verdict::Skip;
+        result.reason = Some(reason);
+    }
+}

@@ -1,0 +1,101 @@
+//! The conformance matrix as tests: one trial per `arch::mechanism::scenario::backing::mode`,
+//! judged against this host's golden matrix (known failures pass, with their evidence on
+//! stderr; unexpected passes fail). Trials that cannot run here are ignored with the reason.
+#![forbid(unsafe_code)]
+
+use std::sync::Arc;
+
+use libtest_mimic::{Arguments, Completion, Failed, Trial};
+use trackcheck_harness::HostProfile;
+use trackcheck_suites::golden::{self, Golden};
+use trackcheck_suites::trial::{Verdict, required_mechanisms, run_trial};
+use trackcheck_suites::{matrix, runner, scenarios};
+
+fn main() {
+    let args = Arguments::from_args();
+    let listing = args.list;
+    let host = Arc::new(HostProfile::probe());
+    let golden = match Golden::load(&golden::default_dir(), &host.key()) {
+        Ok(g) => Arc::new(g),
+        Err(e) => {
+            eprintln!("bad golden file: {e}");
+            std::process::exit(2);
+        }
+    };
+    if !listing && !golden.found {
+        eprintln!(
+            "no golden matrix for host profile {} at {}: failures count as failures",
+            host.key(),
+            golden.path.display()
+        );
+    }
+    let required = Arc::new(required_mechanisms());
+    let out = Arc::new(std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("trackcheck"));
+    let specs = matrix::matrix();
+    let mut trials: Vec<Trial> = specs
+        .iter()
+        .map(|spec| {
+            let spec = *spec;
+            let precheck = scenarios::precheck(&spec, &host);
+            let demanded = required
+                .iter()
+                .any(|r| r == spec.tracker.mechanism().name());
+            let (host, golden, required, out) =
+                (host.clone(), golden.clone(), required.clone(), out.clone());
+            let ignored = precheck.is_err() && !demanded;
+            if let (Err(reason), false, true) = (&precheck, listing, ignored) {
+                eprintln!("skip {}: {reason}", spec.name());
+            }
+            Trial::ignorable_test(spec.name(), move || {
+                let mut r = run_trial(&spec, spec.default_seed(), &host, &required);
+                golden.apply(&mut r);
+                let _ = runner::write_replays(&out, &host.key(), std::slice::from_mut(&mut r));
+                let line = format!(
+                    "{}: {}",
+                    r.verdict.name(),
+                    r.reason.clone().unwrap_or_default()
+                );
+                match r.verdict {
+                    Verdict::Pass => Ok(Completion::Completed),
+                    Verdict::Skip => Ok(Completion::ignored_with(r.reason.unwrap_or_default())),
+                    Verdict::KnownFailure => {
+                        eprintln!(
+                            "known failure {}: {}\n  seed {}; replay: {}",
+                            r.name,
+                            r.reason.unwrap_or_default(),
+                            r.seed,
+                            r.replay
+                        );
+                        Ok(Completion::Completed)
+                    }
+                    Verdict::Fail | Verdict::UnexpectedPass | Verdict::Error => {
+                        Err(Failed::from(format!(
+                            "{line}\nevidence: {}\nseed {}; replay: {}",
+                            r.evidence.join(" | "),
+                            r.seed,
+                            r.replay
+                        )))
+                    }
+                }
+            })
+            .with_ignored_flag(ignored)
+        })
+        .collect();
+    // Golden entries that name no trial of the matrix are stale: the file needs a review.
+    let names: std::collections::BTreeSet<String> = specs.iter().map(|s| s.name()).collect();
+    let stale: Vec<String> = golden
+        .entries
+        .keys()
+        .filter(|k| !names.contains(*k))
+        .cloned()
+        .collect();
+    let path = golden.path.display().to_string();
+    trials.push(Trial::test("golden::no_stale_entries", move || {
+        if stale.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{} entries of {path} name no trial (first: {}): run trackcheck run --bless and review", stale.len(), stale[0]).into())
+        }
+    }));
+    libtest_mimic::run(&args, trials).exit();
+}

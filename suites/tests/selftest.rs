@@ -1,0 +1,57 @@
+//! The oracle's self-test: every tracker wrapped with each deliberate loss. A trial passes when
+//! the oracle fails the run and every lost page it names is one the fault touched. Faults that
+//! cannot lose writes on a mechanism (its rearm is atomic, or skipping it keeps the pages
+//! dirty) are ignored with that reason.
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use libtest_mimic::{Arguments, Completion, Failed, Trial};
+use trackcheck_harness::HostProfile;
+use trackcheck_harness::track::inject::applicability;
+use trackcheck_suites::trial::{Verdict, run_trial};
+use trackcheck_suites::{matrix, scenarios};
+
+fn main() {
+    let args = Arguments::from_args();
+    let listing = args.list;
+    let host = Arc::new(HostProfile::probe());
+    let trials = matrix::selftests()
+        .into_iter()
+        .map(|spec| {
+            let fault = spec.inject.unwrap_or(trackcheck_harness::track::inject::Fault::DropPage);
+            let skip = scenarios::precheck(&spec, &host)
+                .err()
+                .or_else(|| applicability(fault, spec.tracker.build().rearm_kind()).err().map(|why| format!("{fault} cannot lose writes on {}: {why}", spec.tracker.label())));
+            if let (Some(reason), false) = (&skip, listing) {
+                eprintln!("skip {}: {reason}", spec.name());
+            }
+            let host = host.clone();
+            Trial::ignorable_test(spec.name(), move || {
+                let r = run_trial(&spec, spec.default_seed(), &host, &[]);
+                if r.verdict == Verdict::Skip {
+                    return Ok(Completion::ignored_with(r.reason.unwrap_or_default()));
+                }
+                let affected: BTreeSet<(u32, u64)> = r.injected_pages.clone().unwrap_or_default().into_iter().collect();
+                let lost: BTreeSet<(u32, u64)> = r.lost.iter().map(|l| (l.slot, l.page)).collect();
+                if r.verdict != Verdict::Fail || lost.is_empty() {
+                    return Err(Failed::from(format!(
+                        "{fault} was not caught: verdict {} ({}); the fault touched {} pages; seed {}",
+                        r.verdict.name(),
+                        r.reason.unwrap_or_default(),
+                        affected.len(),
+                        r.seed
+                    )));
+                }
+                let wrong: Vec<&(u32, u64)> = lost.difference(&affected).collect();
+                if !wrong.is_empty() {
+                    return Err(Failed::from(format!("the oracle named pages the fault did not touch: {wrong:?} (lost {lost:?}, affected {affected:?})")));
+                }
+                Ok(Completion::Completed)
+            })
+            .with_ignored_flag(skip.is_some())
+        })
+        .collect();
+    libtest_mimic::run(&args, trials).exit();
+}
