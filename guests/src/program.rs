@@ -22,6 +22,11 @@ pub struct Program {
     pub data_pages: u64,
     /// `vcpus[v]` runs on vCPU `v`.
     pub vcpus: Vec<Thread>,
+    /// Sequence numbers start after this (0: the first write is seq 1). Several programs run
+    /// one after another on the same memory use disjoint ranges, so every write still changes
+    /// its page.
+    #[serde(default)]
+    pub seq_base: u64,
 }
 
 /// The ops one vCPU runs, in order. A thread that does not end in [`Op::Done`] (or a
@@ -302,7 +307,18 @@ impl Program {
     /// A program over `data_pages` data pages with the given threads.
     #[must_use]
     pub fn new(data_pages: u64, vcpus: Vec<Thread>) -> Self {
-        Self { data_pages, vcpus }
+        Self {
+            data_pages,
+            vcpus,
+            seq_base: 0,
+        }
+    }
+
+    /// The same program with sequence numbers starting after `seq_base`.
+    #[must_use]
+    pub fn with_seq_base(mut self, seq_base: u64) -> Self {
+        self.seq_base = seq_base;
+        self
     }
 
     /// Check every rule the compilers rely on. Errors name the vCPU and the op.

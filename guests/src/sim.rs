@@ -75,15 +75,21 @@ pub struct ThreadEvents<'a> {
 }
 
 impl<'a> ThreadEvents<'a> {
-    /// Events of `thread`.
+    /// Events of `thread`, with sequence numbers starting after 0.
     #[must_use]
     pub fn new(thread: &'a Thread) -> Self {
+        Self::with_seq_base(thread, 0)
+    }
+
+    /// Events of `thread` whose first write is `seq_base + 1` (see `Program::seq_base`).
+    #[must_use]
+    pub fn with_seq_base(thread: &'a Thread, seq_base: u64) -> Self {
         Self {
             ops: &thread.ops,
             op: 0,
             in_loop: None,
             table: None,
-            seq: 0,
+            seq: seq_base,
             finished: false,
         }
     }

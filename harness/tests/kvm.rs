@@ -41,7 +41,7 @@ fn ensure(cond: bool, msg: impl FnOnce() -> String) -> Check {
 fn expected_memory(program: &Program) -> Vec<(u64, u16, u64)> {
     let mut last = std::collections::BTreeMap::new();
     for (vcpu, thread) in program.vcpus.iter().enumerate() {
-        for e in ThreadEvents::new(thread) {
+        for e in ThreadEvents::with_seq_base(thread, program.seq_base) {
             match e {
                 Event::Write { page, offset, seq } => {
                     last.insert((page, offset), stamp(vcpu, seq));
@@ -290,10 +290,10 @@ fn reuse(mode: ExecutionMode) -> Check {
                 })
                 .collect(),
         );
-        m.load(&program)?;
+        m.load(&program.clone().with_seq_base(round * 10_000))?;
         m.reset()?;
         m.run_to_completion()?;
-        check_memory(&m, &program)
+        check_memory(&m, &program.clone().with_seq_base(round * 10_000))
             .map_err(|e| format!("round {round}: {}", e.message().unwrap_or_default()))?;
     }
     Ok(())

@@ -71,6 +71,9 @@ enum Command {
         /// Seed for every trial's programs (default: a stable per-trial seed).
         #[arg(long)]
         seed: Option<u64>,
+        /// Cases per property (proptest) trial [default: $TRACKCHECK_CASES or 24].
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        cases: Option<u32>,
         /// Output format on stdout.
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
@@ -117,6 +120,7 @@ fn main() -> ExitCode {
         Command::Run {
             select,
             seed,
+            cases,
             format,
             out,
             inject_loss,
@@ -125,6 +129,9 @@ fn main() -> ExitCode {
             bless,
             repeat,
         } => {
+            if let Some(n) = cases {
+                scenarios::set_cases(n);
+            }
             let selection = Selection {
                 filters: select.filters,
                 exact: select.exact,

@@ -114,6 +114,13 @@ pub fn matrix() -> Vec<TrialSpec> {
                     mode,
                 ));
             }
+            out.push(spec(tracker, Scenario::PropPrograms, Backing::Anon, mode));
+            out.push(spec(
+                tracker,
+                Scenario::PropInterleavings,
+                Backing::Anon,
+                mode,
+            ));
         }
     }
     out

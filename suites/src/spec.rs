@@ -69,6 +69,11 @@ pub enum Scenario {
         /// The reference mechanism.
         against: TrackerSpec,
     },
+    /// proptest over guest programs (page sets, orders, vCPUs, offsets), stepped oracle on each.
+    PropPrograms,
+    /// proptest-state-machine over host/guest interleavings (writes, collect, rearm ranges,
+    /// copy, log-flag toggles).
+    PropInterleavings,
 }
 
 impl Scenario {
@@ -84,6 +89,8 @@ impl Scenario {
             Self::RingFull { vcpus } => format!("ring-full-v{vcpus}"),
             Self::ClearGeometry => "clear-geometry".into(),
             Self::CrossCheck { against } => format!("crosscheck-{}", path_part(&against.label())),
+            Self::PropPrograms => "proptest-programs".into(),
+            Self::PropInterleavings => "proptest-interleavings".into(),
         }
     }
 
@@ -97,6 +104,7 @@ impl Scenario {
             Self::RingFull { .. } => "ring-full",
             Self::ClearGeometry => "clear-geometry",
             Self::CrossCheck { .. } => "crosscheck",
+            Self::PropPrograms | Self::PropInterleavings => "proptest",
         }
     }
 }

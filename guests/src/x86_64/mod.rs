@@ -124,7 +124,7 @@ pub fn compile(program: &Program, vcpu: usize, base: u64) -> Result<Compiled, Co
     if !thread.ends_itself() {
         ops.push(Op::Done);
     }
-    let mut cg = Gen::new(vcpu)?;
+    let mut cg = Gen::new(vcpu, program.seq_base)?;
     let mut op_labels: Vec<CodeLabel> = ops.iter().map(|_| cg.a.create_label()).collect();
     cg.prologue()?;
     for (i, op) in ops.iter().enumerate() {
@@ -158,22 +158,28 @@ pub fn compile(program: &Program, vcpu: usize, base: u64) -> Result<Compiled, Co
 struct Gen {
     a: CodeAssembler,
     vcpu: usize,
+    seq_base: u64,
     /// Tables to emit after the code: (label, u32 page indices).
     tables: Vec<(CodeLabel, Vec<u32>)>,
 }
 
 impl Gen {
-    fn new(vcpu: usize) -> Result<Self, CompileError> {
+    fn new(vcpu: usize, seq_base: u64) -> Result<Self, CompileError> {
         Ok(Self {
             a: CodeAssembler::new(64)?,
             vcpu,
+            seq_base,
             tables: Vec::new(),
         })
     }
 
     fn prologue(&mut self) -> Result<(), CompileError> {
         let a = &mut self.a;
-        a.xor(r15, r15)?;
+        if self.seq_base == 0 {
+            a.xor(r15, r15)?;
+        } else {
+            a.mov(r15, self.seq_base)?;
+        }
         a.mov(r11, stamp(self.vcpu, 0))?;
         a.mov(r14, control_page(self.vcpu))?;
         a.mov(r13, DOORBELL_GPA)?;

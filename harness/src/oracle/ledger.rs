@@ -30,6 +30,8 @@ struct WriteAt {
 #[derive(Clone, Copy, Debug, Default)]
 struct PageState {
     unsynced: Option<WriteAt>,
+    /// Collected, its copy still to come: a later collect need not report it again.
+    pending: bool,
     last: Option<WriteAt>,
     last_collect: Option<u32>,
     last_copy: Option<u32>,
@@ -75,13 +77,27 @@ pub struct ExtraRecord {
 
 impl<'p> Ledger<'p> {
     /// A ledger for `program` on a data region laid out as `layout`, for a tracker whose
-    /// documented false positives are `allowances`.
+    /// documented false positives are `allowances`. [`Ledger::observe`] pulls the program's
+    /// writes from the reference interpreter as the vCPUs publish progress.
     #[must_use]
     pub fn new(program: &'p Program, layout: DataLayout, allowances: &[Allowance]) -> Self {
+        let mut ledger = Self::without_program(layout, allowances);
+        ledger.cursors = program
+            .vcpus
+            .iter()
+            .map(|t| ThreadEvents::with_seq_base(t, program.seq_base))
+            .collect();
+        ledger.accounted = vec![program.seq_base; program.vcpus.len()];
+        ledger
+    }
+
+    /// A ledger fed with writes by [`Ledger::record_write`] (several programs in turn).
+    #[must_use]
+    pub fn without_program(layout: DataLayout, allowances: &[Allowance]) -> Self {
         let pages = usize::try_from(layout.pages()).unwrap_or(0);
         Self {
-            cursors: program.vcpus.iter().map(ThreadEvents::new).collect(),
-            accounted: vec![0; program.vcpus.len()],
+            cursors: Vec::new(),
+            accounted: Vec::new(),
             point: 0,
             pages: vec![PageState::default(); pages],
             report: OracleReport::default(),
@@ -92,10 +108,43 @@ impl<'p> Ledger<'p> {
         }
     }
 
+    /// Start a new point: everything recorded from now on happened after what the host did so
+    /// far. (`observe` does this itself.)
+    pub fn advance(&mut self) {
+        self.point += 1;
+    }
+
+    /// Record that `vcpu` wrote `data_page` with sequence number `seq`, before the current point.
+    pub fn record_write(&mut self, data_page: u64, vcpu: usize, seq: u64) -> Result<(), String> {
+        let at = WriteAt {
+            vcpu,
+            seq,
+            point: self.point,
+        };
+        let state = self
+            .pages
+            .get_mut(usize::try_from(data_page).unwrap_or(usize::MAX))
+            .ok_or_else(|| format!("vCPU {vcpu} wrote page {data_page} outside the data region"))?;
+        state.unsynced.get_or_insert(at);
+        state.last = Some(at);
+        Ok(())
+    }
+
+    /// Every page's content is copied anew (a fresh migration round after logging was turned
+    /// off and on): nothing is unsynced.
+    pub fn rebaseline(&mut self) {
+        let point = self.point;
+        for state in &mut self.pages {
+            state.unsynced = None;
+            state.pending = false;
+            state.last_copy = Some(point);
+        }
+    }
+
     /// The host stopped every vCPU; `progress[v]` is vCPU v's published progress. Pulls the
     /// writes made since the last point from the reference interpreter.
     pub fn observe(&mut self, progress: &[u64]) -> Result<(), String> {
-        self.point += 1;
+        self.advance();
         for (vcpu, &target) in progress.iter().enumerate().take(self.cursors.len()) {
             while self.accounted[vcpu] < target {
                 match self.cursors[vcpu].next() {
@@ -107,19 +156,7 @@ impl<'p> Ledger<'p> {
                             ));
                         }
                         self.accounted[vcpu] = seq;
-                        let at = WriteAt {
-                            vcpu,
-                            seq,
-                            point: self.point,
-                        };
-                        let state = self
-                            .pages
-                            .get_mut(usize::try_from(page).unwrap_or(usize::MAX))
-                            .ok_or_else(|| {
-                                format!("vCPU {vcpu} wrote page {page} outside the data region")
-                            })?;
-                        state.unsynced.get_or_insert(at);
-                        state.last = Some(at);
+                        self.record_write(page, vcpu, seq)?;
                     }
                     Some(_) => {}
                     None => {
@@ -147,7 +184,9 @@ impl<'p> Ledger<'p> {
         // Containment: every page with an unsynced write must be in `reported`.
         let mut required = 0;
         for (data_page, state) in self.pages.iter().enumerate() {
-            let Some(w) = state.unsynced else { continue };
+            let Some(w) = state.unsynced.filter(|_| !state.pending) else {
+                continue;
+            };
             required += 1;
             let data_page = data_page as u64;
             let (slot, page) = self
@@ -190,6 +229,7 @@ impl<'p> Ledger<'p> {
         for (slot, page) in reported.iter() {
             if let Some(state) = self.state_mut(slot, page) {
                 state.last_collect = Some(point);
+                state.pending = true;
             }
         }
     }
@@ -250,6 +290,7 @@ impl<'p> Ledger<'p> {
         for (slot, page) in pages.iter() {
             if let Some(state) = self.state_mut(slot, page) {
                 state.unsynced = None;
+                state.pending = false;
                 state.last_copy = Some(point);
             }
         }
@@ -405,6 +446,38 @@ mod tests {
         l.collected(&set(&[1, 2, 6]), CollectContext::default());
         assert_eq!(l.report().unexplained, 1);
         assert_eq!(l.unexplained_examples, vec![(7, 6)]);
+    }
+
+    #[test]
+    fn a_page_awaiting_its_copy_is_not_required_again() {
+        let mut l = Ledger::without_program(DataLayout::single(7, 8), &[]);
+        l.advance();
+        l.record_write(3, 0, 1).expect("in range");
+        l.collected(&set(&[3]), CollectContext::default());
+        // A second collect before the first one's copy (a ring filled up): page 3 is pending.
+        l.advance();
+        l.record_write(4, 0, 2).expect("in range");
+        l.collected(&set(&[4]), CollectContext::default());
+        assert!(l.report().lost.is_empty(), "{:?}", l.report());
+        l.copied(&set(&[3]));
+        l.copied(&set(&[4]));
+        // After its copy, a page written again must be reported again.
+        l.advance();
+        l.record_write(3, 0, 3).expect("in range");
+        l.collected(&set(&[]), CollectContext::default());
+        assert_eq!(l.report().lost.len(), 1);
+        assert_eq!((l.report().lost[0].page, l.report().lost[0].seq), (3, 3));
+        assert!(l.record_write(8, 0, 4).is_err(), "outside the data region");
+    }
+
+    #[test]
+    fn rebaseline_syncs_everything() {
+        let mut l = Ledger::without_program(DataLayout::single(7, 8), &[]);
+        l.advance();
+        l.record_write(1, 0, 1).expect("in range");
+        l.rebaseline();
+        l.collected(&set(&[]), CollectContext::default());
+        assert!(l.report().lost.is_empty());
     }
 
     #[test]

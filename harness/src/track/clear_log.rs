@@ -71,6 +71,40 @@ impl ClearLog {
         }
     }
 
+    /// CLEAR the pages of `mask` (which covers pages `first..end` of `slot`, word 0 = page
+    /// `first`, `first` a multiple of 64) the way `granularity` says.
+    fn clear_masked(
+        vm: &Vm,
+        granularity: ClearGranularity,
+        slot: u32,
+        first: u64,
+        end: u64,
+        mask: &[u64],
+    ) -> Result<(), TrackError> {
+        match granularity {
+            ClearGranularity::Whole => Self::clear(vm, slot, first, end - first, mask),
+            ClearGranularity::Chunk64 => {
+                for (i, &word) in mask.iter().enumerate().filter(|(_, w)| **w != 0) {
+                    let chunk = first + i as u64 * 64;
+                    Self::clear(vm, slot, chunk, (end - chunk).min(64), &[word])?;
+                }
+                Ok(())
+            }
+            ClearGranularity::PerPage => {
+                for (i, &word) in mask.iter().enumerate() {
+                    let chunk = first + i as u64 * 64;
+                    let mut w = word;
+                    while w != 0 {
+                        let bit = w & w.wrapping_neg();
+                        Self::clear(vm, slot, chunk, (end - chunk).min(64), &[bit])?;
+                        w &= w - 1;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
     fn clear(vm: &Vm, slot: u32, first: u64, num: u64, mask: &[u64]) -> Result<(), TrackError> {
         let num32 = u32::try_from(num)
             .map_err(|_| TrackError::Setup(format!("slot {slot}: {num} pages")))?;
@@ -141,29 +175,38 @@ impl Tracker for ClearLog {
 
     fn rearm(&mut self, ctx: &TrackCtx<'_>) -> Result<(), TrackError> {
         for (slot, pages, bitmap) in &self.slots {
-            let (slot, pages) = (*slot, *pages);
-            match self.granularity {
-                ClearGranularity::Whole => Self::clear(ctx.vm, slot, 0, pages, bitmap)?,
-                ClearGranularity::Chunk64 => {
-                    for (i, &word) in bitmap.iter().enumerate().filter(|(_, w)| **w != 0) {
-                        let first = i as u64 * 64;
-                        Self::clear(ctx.vm, slot, first, (pages - first).min(64), &[word])?;
-                    }
-                }
-                ClearGranularity::PerPage => {
-                    for (i, &word) in bitmap.iter().enumerate() {
-                        let first = i as u64 * 64;
-                        let mut w = word;
-                        while w != 0 {
-                            let bit = w & w.wrapping_neg();
-                            Self::clear(ctx.vm, slot, first, (pages - first).min(64), &[bit])?;
-                            w &= w - 1;
-                        }
-                    }
-                }
-            }
+            Self::clear_masked(ctx.vm, self.granularity, *slot, 0, *pages, bitmap)?;
         }
         Ok(())
+    }
+
+    fn rearm_part(
+        &mut self,
+        ctx: &TrackCtx<'_>,
+        slot: u32,
+        first: u64,
+        count: u64,
+    ) -> Result<(), TrackError> {
+        let Some((_, pages, bitmap)) = self.slots.iter().find(|(s, _, _)| *s == slot) else {
+            return Err(TrackError::Setup(format!("slot {slot} is not tracked")));
+        };
+        let end = first.saturating_add(count).min(*pages);
+        let words = |p: u64| usize::try_from(p.div_ceil(64)).unwrap_or(usize::MAX);
+        let (lo, hi) = (
+            usize::try_from(first / 64).unwrap_or(usize::MAX),
+            words(end).min(bitmap.len()),
+        );
+        if lo >= hi {
+            return Ok(());
+        }
+        Self::clear_masked(
+            ctx.vm,
+            self.granularity,
+            slot,
+            first - first % 64,
+            end,
+            &bitmap[lo..hi],
+        )
     }
 
     fn detach(&mut self, vm: &mut Vm) -> Result<(), TrackError> {

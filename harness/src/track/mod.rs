@@ -166,6 +166,20 @@ pub trait Tracker: Send + std::fmt::Debug {
     /// Make the pages of the last collect trackable again.
     fn rearm(&mut self, ctx: &TrackCtx<'_>) -> Result<(), TrackError>;
 
+    /// Rearm only the pages of the last collect in `[first, first + count)` of `slot`
+    /// (KVM_CLEAR_DIRTY_LOG over part of a slot). `first` and `count` are multiples of 64,
+    /// or the range ends at the slot's end. Mechanisms that can only rearm as a whole do that.
+    fn rearm_part(
+        &mut self,
+        ctx: &TrackCtx<'_>,
+        slot: u32,
+        first: u64,
+        count: u64,
+    ) -> Result<(), TrackError> {
+        let _ = (slot, first, count);
+        self.rearm(ctx)
+    }
+
     /// Stop tracking.
     fn detach(&mut self, vm: &mut Vm) -> Result<(), TrackError>;
 

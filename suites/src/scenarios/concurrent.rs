@@ -225,7 +225,7 @@ fn drive(
     let mut written = BTreeSet::new();
     for (v, thread) in program.vcpus.iter().enumerate() {
         let target = m.progress(v);
-        for e in ThreadEvents::new(thread) {
+        for e in ThreadEvents::with_seq_base(thread, program.seq_base) {
             match e {
                 Event::Write { page, seq, .. } if seq <= target => {
                     written.insert(page);

@@ -4,7 +4,10 @@
 mod concurrent;
 mod crosscheck;
 mod geometry;
+mod property;
 mod stepped;
+
+pub use property::{cases, set_cases};
 
 use std::time::Duration;
 
@@ -125,6 +128,7 @@ pub fn data_pages(scenario: &Scenario) -> u64 {
         Scenario::Concurrent { .. } => 2048,
         Scenario::RingFull { .. } => 4096,
         Scenario::ClearGeometry => geometry::SLOT_PAGES,
+        Scenario::PropPrograms | Scenario::PropInterleavings => property::PAGES,
     }
 }
 
@@ -140,9 +144,24 @@ pub fn vcpus(scenario: &Scenario) -> usize {
 
 /// Build the machine for `spec`.
 pub fn machine(spec: &TrialSpec, tracker_ring: Option<u32>) -> Result<Machine, TrialError> {
+    machine_with(
+        spec,
+        data_pages(&spec.scenario),
+        vcpus(&spec.scenario),
+        tracker_ring,
+    )
+}
+
+/// Build a machine for `spec` with `data_pages` pages and `vcpus` vCPUs.
+pub fn machine_with(
+    spec: &TrialSpec,
+    data_pages: u64,
+    vcpus: usize,
+    tracker_ring: Option<u32>,
+) -> Result<Machine, TrialError> {
     let config = MachineConfig {
-        vcpus: vcpus(&spec.scenario),
-        data_pages: data_pages(&spec.scenario),
+        vcpus,
+        data_pages,
         backing: spec.backing,
         mode: spec.mode,
         dirty_ring: tracker_ring,
@@ -191,6 +210,8 @@ pub fn run(spec: &TrialSpec, seed: u64) -> Result<Findings, TrialError> {
         Scenario::Concurrent { .. } => concurrent::run(spec, seed, &mut tracker)?,
         Scenario::ClearGeometry => geometry::run(spec, &mut tracker)?,
         Scenario::CrossCheck { against } => crosscheck::run(spec, against, seed, &mut tracker)?,
+        Scenario::PropPrograms => property::programs(spec, seed, &mut tracker)?,
+        Scenario::PropInterleavings => property::interleavings(spec, seed)?,
     };
     findings.affected = tracker.affected();
     Ok(findings)
