@@ -14,6 +14,7 @@ use trackcheck_suites::golden::{self, Golden};
 use trackcheck_suites::report::{GoldenInfo, RunReport};
 use trackcheck_suites::runner::{self, Selection};
 use trackcheck_suites::scenarios;
+use trackcheck_suites::spec::TrialSpec;
 use trackcheck_suites::trial::{TrialResult, Verdict};
 
 /// Exit status for usage errors and bad input (clap uses the same).
@@ -138,17 +139,23 @@ fn main() -> ExitCode {
                 selftest: select.selftest,
                 inject: inject_loss,
             };
-            run(&selection, seed, format, &out, jobs, golden, bless, repeat)
+            let specs = selection.specs();
+            if specs.is_empty() {
+                return fail_usage(&format!(
+                    "no trial matches {:?} (trackcheck list shows them all)",
+                    selection.filters
+                ));
+            }
+            if bless && (selection.inject.is_some() || selection.selftest) {
+                return fail_usage(
+                    "--bless records the conformance matrix; it cannot be combined with --inject-loss or --selftest",
+                );
+            }
+            run(&specs, seed, format, &out, jobs, golden, bless, repeat)
         }
         Command::Replay { file, format } => match runner::read_replay(&file) {
             Err(e) => fail_usage(&e),
             Ok(r) => {
-                let selection = Selection {
-                    filters: vec![r.spec.name()],
-                    exact: true,
-                    selftest: r.spec.inject.is_some(),
-                    inject: r.spec.inject,
-                };
                 eprintln!(
                     "trackcheck: replaying {} with seed {} (recorded: {} {})",
                     r.name,
@@ -161,7 +168,7 @@ fn main() -> ExitCode {
                     .and_then(|p| p.parent())
                     .map_or_else(|| PathBuf::from("trackcheck-out"), PathBuf::from);
                 run(
-                    &selection,
+                    &[r.spec],
                     Some(r.seed),
                     format,
                     &out,
@@ -220,7 +227,7 @@ fn list(select: &Select) -> ExitCode {
     reason = "one parameter per command-line option"
 )]
 fn run(
-    selection: &Selection,
+    specs: &[TrialSpec],
     seed: Option<u64>,
     format: Format,
     out: &PathBuf,
@@ -229,18 +236,6 @@ fn run(
     bless: bool,
     repeat: u32,
 ) -> ExitCode {
-    let specs = selection.specs();
-    if specs.is_empty() {
-        return fail_usage(&format!(
-            "no trial matches {:?} (trackcheck list shows them all)",
-            selection.filters
-        ));
-    }
-    if bless && (selection.inject.is_some() || selection.selftest) {
-        return fail_usage(
-            "--bless records the conformance matrix; it cannot be combined with --inject-loss or --selftest",
-        );
-    }
     let host = HostProfile::probe();
     if let Some(why) = &host.kvm_unavailable {
         eprintln!("trackcheck: KVM is unavailable, every trial will be skipped: {why}");

@@ -35,23 +35,25 @@ impl Selection {
         } else {
             matrix::matrix()
         };
+        // Filters match the names as listed (before --inject-loss adds its suffix).
+        let matches = |s: &TrialSpec| {
+            let name = s.name();
+            self.filters.is_empty()
+                || self.filters.iter().any(|f| {
+                    if self.exact {
+                        name == *f
+                    } else {
+                        name.contains(f.as_str())
+                    }
+                })
+        };
         base.into_iter()
+            .filter(matches)
             .map(|mut s| {
                 if self.inject.is_some() {
                     s.inject = self.inject;
                 }
                 s
-            })
-            .filter(|s| {
-                let name = s.name();
-                self.filters.is_empty()
-                    || self.filters.iter().any(|f| {
-                        if self.exact {
-                            name == *f
-                        } else {
-                            name.contains(f.as_str())
-                        }
-                    })
             })
             .collect()
     }

@@ -129,3 +129,165 @@ fn unreadable_kvm_device_gives_a_hint() {
         "{stdout}"
     );
 }
+
+fn kvm_usable() -> bool {
+    trackcheck_harness::sys::open_kvm().is_ok()
+}
+
+#[test]
+fn list_names_trials_as_paths_and_rejects_unknown_filters() {
+    let out = trackcheck(&["list", "dirty-log::stepped::anon"], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.lines().any(|l| l.starts_with(&format!(
+            "{}::dirty-log::stepped::anon::native",
+            std::env::consts::ARCH
+        ))),
+        "{stdout}"
+    );
+    let out = trackcheck(&["list", "no-such-trial"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("no trial matches"));
+}
+
+#[test]
+fn bad_run_input_is_a_usage_error() {
+    for args in [
+        &["run", "no-such-trial"][..],
+        &["run", "--format", "xml"],
+        &["run", "--inject-loss", "melt"],
+        &["run", "--cases", "0"],
+        &["run", "--bless", "--selftest"],
+        &["replay", "/nonexistent/replay.json"],
+    ] {
+        let out = trackcheck(args, &[]);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        assert!(!text(&out.stderr).is_empty(), "{args:?} says nothing");
+    }
+    let dir = std::env::temp_dir().join(format!("trackcheck-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let bogus = dir.join("bogus.json");
+    std::fs::write(&bogus, "{\"not\": \"a replay\"}").expect("write");
+    let out = trackcheck(&["replay", bogus.to_str().expect("utf-8")], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("not a trackcheck replay file"),
+        "{}",
+        text(&out.stderr)
+    );
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}
+
+/// A passing trial: exit 0, JSON with the documented fields.
+#[test]
+fn run_json_has_the_documented_fields() {
+    if !kvm_usable() {
+        eprintln!("skip: needs a usable /dev/kvm");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("trackcheck-json-{}", std::process::id()));
+    let name = format!(
+        "{}::dirty-log::stepped::anon::native",
+        std::env::consts::ARCH
+    );
+    let out = trackcheck(
+        &[
+            "run",
+            "--exact",
+            &name,
+            "--format",
+            "json",
+            "--out",
+            dir.to_str().expect("utf-8"),
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert!(v["host"]["kernel"]["release"].is_string());
+    let t = &v["trials"][0];
+    for field in [
+        "name",
+        "mechanism",
+        "scenario",
+        "mode",
+        "backing",
+        "verdict",
+        "reason",
+        "seed",
+        "replay",
+        "written",
+        "reported",
+        "extra",
+        "lost",
+    ] {
+        assert!(t.get(field).is_some(), "missing {field}: {t}");
+    }
+    assert_eq!(t["verdict"], "pass");
+    assert!(
+        t["written"].as_u64().is_some_and(|w| w > 0),
+        "the trial wrote nothing: {t}"
+    );
+    for f in ["report.json", "report.txt", "report.ktap"] {
+        assert!(dir.join(f).exists(), "{f} not written");
+    }
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}
+
+/// An injected loss fails the run (exit 1), names the page, writes a replay file; replaying it
+/// reproduces the same lost page.
+#[test]
+fn a_failure_writes_a_replay_file_that_reproduces_it() {
+    if !kvm_usable() {
+        eprintln!("skip: needs a usable /dev/kvm");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("trackcheck-replay-{}", std::process::id()));
+    let name = format!(
+        "{}::dirty-log::stepped::anon::native",
+        std::env::consts::ARCH
+    );
+    let out = trackcheck(
+        &[
+            "run",
+            "--exact",
+            &name,
+            "--inject-loss",
+            "drop-page",
+            "--format",
+            "json",
+            "--out",
+            dir.to_str().expect("utf-8"),
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let t = &v["trials"][0];
+    assert_eq!(t["verdict"], "fail");
+    let lost = t["lost"][0].clone();
+    assert!(
+        lost["gpa"].as_u64().is_some()
+            && lost["vcpu"].as_u64().is_some()
+            && lost["seq"].as_u64().is_some(),
+        "{lost}"
+    );
+    let replay = t["replay"].as_str().expect("replay command").to_string();
+    let file = replay
+        .strip_prefix("trackcheck replay ")
+        .expect("a replay file command");
+    let again = trackcheck(&["replay", file, "--format", "json"], &[]);
+    assert_eq!(again.status.code(), Some(1), "{}", text(&again.stderr));
+    let w: serde_json::Value = serde_json::from_slice(&again.stdout).expect("JSON");
+    assert_eq!(
+        w["trials"][0]["lost"][0], lost,
+        "the replay lost a different page"
+    );
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}

@@ -195,10 +195,21 @@ fn decode_one_reports_invalid_bytes() {
 
 #[test]
 fn seq_base_starts_the_counter() {
-    let program = Program::new(4, vec![Thread::new(vec![Op::Write { page: 1, offset: 0 }])]).with_seq_base(1000);
+    let program = Program::new(4, vec![Thread::new(vec![Op::Write { page: 1, offset: 0 }])])
+        .with_seq_base(1000);
     let c = compile(&program, 0, 0x40_0000).expect("compiles");
-    let first = disassemble(&c.bytes[..c.code_len], c.base).into_iter().next().expect("an instruction");
+    let first = disassemble(&c.bytes[..c.code_len], c.base)
+        .into_iter()
+        .next()
+        .expect("an instruction");
     assert_eq!(first.text, "mov     r15,0x3E8");
     let events: Vec<_> = crate::sim::ThreadEvents::with_seq_base(&program.vcpus[0], 1000).collect();
-    assert_eq!(events[0], crate::Event::Write { page: 1, offset: 0, seq: 1001 });
+    assert_eq!(
+        events[0],
+        crate::Event::Write {
+            page: 1,
+            offset: 0,
+            seq: 1001
+        }
+    );
 }

@@ -119,7 +119,7 @@ impl std::fmt::Display for LostPage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "slot {} page {} (gpa {:#x}): write #{} of vCPU {} not reported by round {}",
+            "slot {} page {} (gpa {:#x}): write seq {} of vCPU {} not reported by round {}",
             self.slot, self.page, self.gpa, self.seq, self.vcpu, self.round
         )
     }
