@@ -273,7 +273,7 @@ fn run(
             bar.inc(1);
         };
         runs.push(runner::run_all(
-            &specs, seed, &host, &golden, jobs, &progress,
+            specs, seed, &host, &golden, jobs, &progress,
         ));
         bar.finish_and_clear();
     }
