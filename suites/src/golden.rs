@@ -208,9 +208,64 @@ fn same_way(kinds: &[FailKind], kind: FailKind) -> bool {
     kinds.contains(&kind) || (kernel(&kind) && kinds.iter().any(kernel))
 }
 
-/// Build a golden matrix from `runs` (each a full set of results of the same trials).
+/// A new classification merged with the previous entry of the same trial.
+fn merge(
+    previous: Option<&(Expected, String)>,
+    new: Expected,
+    evidence: String,
+) -> (Expected, String) {
+    let Some((old, old_evidence)) = previous else {
+        return (new, evidence);
+    };
+    let old_kinds = match old {
+        Expected::Fail(k) | Expected::Intermittent(k) => k.clone(),
+        _ => return (new, evidence),
+    };
+    let union = |mut k: Vec<FailKind>| {
+        k.extend(old_kinds.iter().copied());
+        k.sort_by_key(|k| k.name());
+        k.dedup();
+        k
+    };
+    match new {
+        Expected::Fail(k) if matches!(old, Expected::Fail(_)) => {
+            (Expected::Fail(union(k)), evidence)
+        }
+        Expected::Fail(k) | Expected::Intermittent(k) => {
+            (Expected::Intermittent(union(k)), evidence)
+        }
+        Expected::Pass => {
+            let earlier: String = old_evidence.chars().take(160).collect();
+            (
+                Expected::Intermittent(old_kinds),
+                format!("did not fail in these runs; earlier: {earlier}"),
+            )
+        }
+        other => (other, evidence),
+    }
+}
+
+/// What identifies a failure: its kind, and the lost pages or the reason.
+fn signature(r: &TrialResult) -> (Option<FailKind>, Vec<(u32, u64, usize, u64)>, String) {
+    let lost = r
+        .lost
+        .iter()
+        .map(|l| (l.slot, l.page, l.vcpu, l.seq))
+        .collect();
+    let reason = if r.lost.is_empty() {
+        r.reason.clone().unwrap_or_default()
+    } else {
+        String::new()
+    };
+    (r.fail_kind, lost, reason)
+}
+
+/// Build a golden matrix from `runs` (each a full set of results of the same trials), merged
+/// with `previous`: a failure seen before is never forgotten by blessing (a trial that failed
+/// earlier and passed in these runs stays intermittent, and failure kinds accumulate). To
+/// drop a known failure after a kernel fix, delete its line and bless again.
 #[must_use]
-pub fn bless(host_key: &str, kernel: &str, runs: &[Vec<TrialResult>]) -> String {
+pub fn bless(host_key: &str, kernel: &str, runs: &[Vec<TrialResult>], previous: &Golden) -> String {
     let mut by_name: BTreeMap<&str, Vec<&TrialResult>> = BTreeMap::new();
     for run in runs {
         for r in run {
@@ -258,10 +313,14 @@ pub fn bless(host_key: &str, kernel: &str, runs: &[Vec<TrialResult>]) -> String 
                 fails.len(),
                 results.len()
             );
-            if passes > 0 {
-                (Expected::Intermittent(kinds), ev)
-            } else {
+            // `fail` means fails every run the same way; a failure whose details (the lost
+            // pages, the problem) change between runs depends on timing and may not show at
+            // all next time: intermittent.
+            let same = fails.iter().all(|r| signature(r) == signature(fails[0]));
+            if passes == 0 && same {
                 (Expected::Fail(kinds), ev)
+            } else {
+                (Expected::Intermittent(kinds), ev)
             }
         } else if results.iter().all(|r| r.verdict == Verdict::Skip) {
             (
@@ -280,6 +339,7 @@ pub fn bless(host_key: &str, kernel: &str, runs: &[Vec<TrialResult>]) -> String 
         } else {
             (Expected::Pass, String::new())
         };
+        let (expected, evidence) = merge(previous.entries.get(*name), expected, evidence);
         let line = format!("{name:<width$} {:<22} {evidence}", expected.token());
         let _ = writeln!(body, "{}", line.trim_end());
     }
@@ -304,6 +364,35 @@ mod tests {
             assert_eq!(Expected::parse(&e.token()), Some(e));
         }
         assert_eq!(Expected::parse("fail:melted"), None);
+    }
+
+    #[test]
+    fn blessing_never_forgets_a_failure() {
+        let lost = || vec![FailKind::Lost];
+        let (e, ev) = merge(
+            Some(&(Expected::Intermittent(lost()), "3/20 runs failed".into())),
+            Expected::Pass,
+            String::new(),
+        );
+        assert_eq!(e, Expected::Intermittent(lost()));
+        assert!(ev.contains("earlier: 3/20"));
+        let (e, _) = merge(
+            Some(&(Expected::Fail(lost()), String::new())),
+            Expected::Intermittent(vec![FailKind::Hazard]),
+            String::new(),
+        );
+        assert_eq!(
+            e,
+            Expected::Intermittent(vec![FailKind::Hazard, FailKind::Lost])
+        );
+        let (e, _) = merge(
+            Some(&(Expected::Pass, String::new())),
+            Expected::Fail(lost()),
+            String::new(),
+        );
+        assert_eq!(e, Expected::Fail(lost()));
+        let (e, _) = merge(None, Expected::Pass, String::new());
+        assert_eq!(e, Expected::Pass);
     }
 
     #[test]

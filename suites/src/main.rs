@@ -279,7 +279,7 @@ fn run(
     }
     let seconds = start.elapsed().as_secs_f64();
     if bless {
-        let mut text = golden::bless(&host.key(), &host.kernel.release, &runs);
+        let mut text = golden::bless(&host.key(), &host.kernel.release, &runs, &golden);
         // Keep entries of trials this run did not cover.
         let ran: std::collections::BTreeSet<String> = specs.iter().map(|s| s.name()).collect();
         let kept: Vec<String> = golden
