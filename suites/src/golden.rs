@@ -245,8 +245,11 @@ fn merge(
     }
 }
 
+/// A lost write as (slot, page, vCPU, seq).
+type LostKey = (u32, u64, usize, u64);
+
 /// What identifies a failure: its kind, and the lost pages or the reason.
-fn signature(r: &TrialResult) -> (Option<FailKind>, Vec<(u32, u64, usize, u64)>, String) {
+fn signature(r: &TrialResult) -> (Option<FailKind>, Vec<LostKey>, String) {
     let lost = r
         .lost
         .iter()
