@@ -74,10 +74,30 @@ impl RunReport {
         }
     }
 
-    /// True when any trial's verdict is unexpected (exit status 1).
+    /// True when any trial's verdict is unexpected (exit status 1). A trial with an injected
+    /// loss is expected to fail naming only pages the fault touched: there, a pass (the loss
+    /// was missed) is what is unexpected.
     #[must_use]
     pub fn has_unexpected(&self) -> bool {
-        self.trials.iter().any(|t| t.verdict.is_unexpected())
+        self.trials.iter().any(|t| match t.spec.inject {
+            Some(_) => t.verdict != Verdict::Skip && !caught(t),
+            None => t.verdict.is_unexpected(),
+        })
+    }
+
+    /// Injected losses caught and missed (self-test runs).
+    #[must_use]
+    pub fn selftest_counts(&self) -> Option<(usize, usize)> {
+        let injected: Vec<&TrialResult> = self
+            .trials
+            .iter()
+            .filter(|t| t.spec.inject.is_some() && t.verdict != Verdict::Skip)
+            .collect();
+        if injected.is_empty() {
+            return None;
+        }
+        let caught_n = injected.iter().filter(|t| caught(t)).count();
+        Some((caught_n, injected.len() - caught_n))
     }
 
     /// The final table and summary.
@@ -145,6 +165,12 @@ impl RunReport {
                 let _ = writeln!(out, "  {n:>4}  {reason}");
             }
         }
+        if let Some((caught_n, missed)) = self.selftest_counts() {
+            let _ = writeln!(
+                out,
+                "\nself-test: {caught_n} injected losses caught (failed naming only pages the fault touched), {missed} missed"
+            );
+        }
         let counts: Vec<String> = self
             .summary
             .iter()
@@ -210,6 +236,17 @@ impl RunReport {
         let _ = writeln!(out, "# Totals: {}", counts.join(" "));
         out
     }
+}
+
+/// Whether the oracle caught a trial's injected loss: it failed, named lost pages, and every
+/// one of them is a page the fault touched.
+#[must_use]
+pub fn caught(t: &TrialResult) -> bool {
+    let affected: std::collections::BTreeSet<(u32, u64)> =
+        t.injected_pages.iter().flatten().copied().collect();
+    t.verdict == Verdict::Fail
+        && !t.lost.is_empty()
+        && t.lost.iter().all(|l| affected.contains(&(l.slot, l.page)))
 }
 
 /// A reason on one line without `#` (which would start a new KTAP directive).
