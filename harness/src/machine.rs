@@ -656,8 +656,22 @@ impl Machine {
         &mut self,
         host: impl FnOnce(&RunView<'_>) -> R,
     ) -> (R, Result<Vec<(usize, Stop)>, MachineError>) {
+        self.run_some(|_| true, host)
+    }
+
+    /// Run only the ready vCPUs in `which` to their next stop (keeps vCPUs in lockstep when
+    /// some stopped early, e.g. on a full dirty ring).
+    pub fn run_vcpus(&mut self, which: &[usize]) -> Result<Vec<(usize, Stop)>, MachineError> {
+        self.run_some(|i| which.contains(&i), |_| ()).1
+    }
+
+    fn run_some<R>(
+        &mut self,
+        pick: impl Fn(usize) -> bool,
+        host: impl FnOnce(&RunView<'_>) -> R,
+    ) -> (R, Result<Vec<(usize, Stop)>, MachineError>) {
         let ready: Vec<usize> = (0..self.vcpus.len())
-            .filter(|&i| matches!(self.states[i], VcpuState::Ready(_)))
+            .filter(|&i| matches!(self.states[i], VcpuState::Ready(_)) && pick(i))
             .collect();
         let limits = self.config.limits;
         let (vm, rings) = (&self.vm, self.rings.as_slice());

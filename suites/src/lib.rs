@@ -1,6 +1,7 @@
 //! trackcheck's suites: scenarios, reports and the command-line tool's subcommands.
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod env;
 pub mod golden;
 pub mod kernel_log;

@@ -7,8 +7,9 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use trackcheck_harness::HostProfile;
 use trackcheck_harness::track::inject::Fault;
+use trackcheck_harness::{Backing, ExecutionMode, HostProfile};
+use trackcheck_suites::bench::{self, AccessOrder, BenchConfig, BenchReport, Sweep};
 use trackcheck_suites::env::EnvReport;
 use trackcheck_suites::golden::{self, Golden};
 use trackcheck_suites::report::{GoldenInfo, RunReport};
@@ -98,6 +99,9 @@ enum Command {
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
         repeat: u32,
     },
+    /// Time every phase of every mechanism (populate, enable, dirty pass, harvest, rearm,
+    /// disable), optionally sweeping memory size, vCPUs or dirty ratio.
+    Bench(BenchArgs),
     /// Run the trial recorded in a replay file again, with its seed.
     Replay {
         /// A replay file written by `trackcheck run`.
@@ -106,6 +110,208 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },
+}
+
+#[derive(Debug, clap::Args)]
+struct BenchArgs {
+    /// Mechanisms to time (labels as `trackcheck list` shows them, e.g. clear-log/chunk64, or
+    /// a mechanism name for all its variants) [default: all].
+    #[arg(long = "mechanism", value_name = "M")]
+    mechanisms: Vec<String>,
+    /// Guest memory, all vCPUs together (K, M, G suffixes).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    mem: u64,
+    /// vCPUs.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64))]
+    vcpus: u64,
+    /// Tracked iterations (figures are min / median / max over them).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    iterations: u32,
+    /// Host backing of guest memory.
+    #[arg(long, default_value = "anon")]
+    backing: Backing,
+    /// Execution mode.
+    #[arg(long, default_value = "native")]
+    mode: ExecutionMode,
+    /// Percentage of each vCPU's pages written per pass.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100))]
+    write_percent: u32,
+    /// Order of the writes.
+    #[arg(long, value_enum, default_value_t = AccessOrder::Sequential)]
+    access: AccessOrder,
+    /// Sweep a variable around the configuration.
+    #[arg(long, value_enum)]
+    sweep: Option<Sweep>,
+    /// Write the report as JSON.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Write an SVG plot of the sweep (needs --sweep).
+    #[arg(long, value_name = "FILE.svg", requires = "sweep")]
+    plot: Option<PathBuf>,
+    /// Compare two JSON reports phase by phase (ratios; nothing is run).
+    #[arg(long, num_args = 2, value_names = ["A.json", "B.json"], conflicts_with_all = ["sweep", "plot", "harness"])]
+    compare: Option<Vec<PathBuf>>,
+    /// Time the harness itself: fresh vs reused machine, property-test cases per second.
+    #[arg(long)]
+    harness: bool,
+}
+
+/// `256M`, `1G`, `4096`, `2MiB` -> bytes.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 256M, 1G)"))?;
+    let shift = match unit
+        .trim()
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} in {s:?}: use K, M or G"
+            ));
+        }
+    };
+    let bytes = n
+        .checked_shl(shift)
+        .filter(|b| b >> shift == n)
+        .ok_or_else(|| format!("{s:?} is too large"))?;
+    if !(2 << 20..=64 << 30).contains(&bytes) {
+        return Err(format!("{s:?}: guest memory must be between 2M and 64G"));
+    }
+    Ok(bytes / (2 << 20) * (2 << 20))
+}
+
+fn bench(args: BenchArgs) -> ExitCode {
+    if let Some(files) = &args.compare {
+        let (a, b) = match (bench::load_report(&files[0]), bench::load_report(&files[1])) {
+            (Ok(a), Ok(b)) => (a, b),
+            (Err(e), _) | (_, Err(e)) => return fail_usage(&e),
+        };
+        print!("{}", bench::compare(&a, &b));
+        return ExitCode::SUCCESS;
+    }
+    let host = HostProfile::probe();
+    if let Some(why) = &host.kvm_unavailable {
+        eprintln!("trackcheck: KVM is unavailable: {why}");
+        return ExitCode::from(1);
+    }
+    if args.harness {
+        return match bench::harness_cost(args.mode, 10, 200) {
+            Ok(h) => {
+                println!(
+                    "host {} | kernel {} | rev {}",
+                    host.key(),
+                    host.kernel.release,
+                    option_env!("TRACKCHECK_GIT_REV").unwrap_or("unknown")
+                );
+                println!("{} mode, ms as min/median/max", h.mode);
+                println!(
+                    "fresh machine + load   {:>8.3} {:>8.3} {:>8.3}",
+                    h.fresh_machine.min_ms, h.fresh_machine.median_ms, h.fresh_machine.max_ms
+                );
+                println!(
+                    "reuse: load + reset    {:>8.3} {:>8.3} {:>8.3}",
+                    h.reuse.min_ms, h.reuse.median_ms, h.reuse.max_ms
+                );
+                println!(
+                    "stepped 16-page cases  {:.0} cases/s over {} cases (machine reused, oracle on)",
+                    h.cases_per_second, h.cases
+                );
+                if let Some(path) = &args.json
+                    && let Err(e) = write_json(path, &h)
+                {
+                    eprintln!("trackcheck: cannot write {}: {e}", path.display());
+                    return ExitCode::from(1);
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("trackcheck: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
+    let all = bench::default_mechanisms();
+    let mechanisms: Vec<_> = if args.mechanisms.is_empty() {
+        all
+    } else {
+        let picked: Vec<_> = all
+            .into_iter()
+            .filter(|t| {
+                args.mechanisms
+                    .iter()
+                    .any(|m| *m == t.label() || *m == t.mechanism().name())
+            })
+            .collect();
+        if picked.is_empty() {
+            let names: Vec<String> = bench::default_mechanisms()
+                .iter()
+                .map(|t| t.label())
+                .collect();
+            return fail_usage(&format!(
+                "no mechanism matches {:?}; expected one of {}",
+                args.mechanisms,
+                names.join(", ")
+            ));
+        }
+        picked
+    };
+    let vcpus = usize::try_from(args.vcpus).unwrap_or(1);
+    if args.mem / 4096 < vcpus as u64 * 512 {
+        return fail_usage(&format!(
+            "--mem {}M is too small for {vcpus} vCPUs (at least 2M each)",
+            args.mem >> 20
+        ));
+    }
+    let config = BenchConfig {
+        mechanisms,
+        mem_bytes: args.mem,
+        vcpus,
+        iterations: args.iterations,
+        backing: args.backing,
+        mode: args.mode,
+        write_percent: args.write_percent,
+        access: args.access,
+    };
+    let progress = |what: &str| eprintln!("trackcheck bench: {what}");
+    let results = bench::run(&config, &host, &progress);
+    let sweep = args
+        .sweep
+        .map(|v| bench::sweep(&config, v, &host, &progress));
+    let report = BenchReport::new(&host, config, results, sweep);
+    print!("{}", report.text());
+    if let Some(path) = &args.json
+        && let Err(e) = write_json(path, &report)
+    {
+        eprintln!("trackcheck: cannot write {}: {e}", path.display());
+        return ExitCode::from(1);
+    }
+    if let (Some(path), Some(sweep)) = (&args.plot, &report.sweep) {
+        let title = format!(
+            "trackcheck bench on {} ({}), rev {}",
+            report.host_key, report.kernel, report.revision
+        );
+        if let Err(e) = bench::plot(sweep, &title, path) {
+            eprintln!("trackcheck: cannot write the plot: {e}");
+            return ExitCode::from(1);
+        }
+        eprintln!("trackcheck: wrote {}", path.display());
+    }
+    ExitCode::SUCCESS
+}
+
+fn write_json(path: &std::path::Path, value: &impl serde::Serialize) -> Result<(), String> {
+    let json = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
+    std::fs::write(path, json).map_err(|e| e.to_string())
 }
 
 fn fail_usage(message: &str) -> ExitCode {
@@ -153,6 +359,7 @@ fn main() -> ExitCode {
             }
             run(&specs, seed, format, &out, jobs, golden, bless, repeat)
         }
+        Command::Bench(args) => bench(args),
         Command::Replay { file, format } => match runner::read_replay(&file) {
             Err(e) => fail_usage(&e),
             Ok(r) => {

@@ -291,3 +291,109 @@ fn a_failure_writes_a_replay_file_that_reproduces_it() {
     );
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }
+
+#[test]
+fn bench_rejects_bad_input() {
+    for args in [
+        &["bench", "--mem", "1K"][..],
+        &["bench", "--mem", "12Q"],
+        &["bench", "--plot", "x.svg"],
+        &["bench", "--mechanism", "no-such-mechanism"],
+        &["bench", "--write-percent", "0"],
+        &[
+            "bench",
+            "--compare",
+            "/nonexistent/a.json",
+            "/nonexistent/b.json",
+        ],
+    ] {
+        let out = trackcheck(args, &[]);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+}
+
+/// A small bench: every phase reported, JSON readable by --compare, a sweep plotted.
+#[test]
+fn bench_reports_phases_compares_and_plots() {
+    if !kvm_usable() {
+        eprintln!("skip: needs a usable /dev/kvm");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("trackcheck-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let json = dir.join("a.json");
+    let svg = dir.join("sweep.svg");
+    let out = trackcheck(
+        &[
+            "bench",
+            "--mechanism",
+            "dirty-log",
+            "--mem",
+            "8M",
+            "--iterations",
+            "2",
+            "--sweep",
+            "vcpus",
+            "--json",
+            json.to_str().expect("utf-8"),
+            "--plot",
+            svg.to_str().expect("utf-8"),
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    for phase in ["populate", "enable", "dirty", "harvest", "rearm", "disable"] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with("dirty-log") && l.contains(&format!(" {phase} "))),
+            "no {phase}:\n{stdout}"
+        );
+    }
+    assert!(
+        stdout.contains("host ") && stdout.contains("rev "),
+        "host facts missing:\n{stdout}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("json written")).expect("JSON");
+    assert!(
+        v["results"][0]["phases"]["dirty"]["median_ms"]
+            .as_f64()
+            .is_some_and(|ms| ms > 0.0),
+        "{v}"
+    );
+    assert_eq!(
+        v["sweep"]["points"].as_array().map(Vec::len),
+        Some(3),
+        "1, 2 and 4 vCPUs"
+    );
+    assert!(
+        std::fs::read_to_string(&svg)
+            .expect("plot written")
+            .starts_with("<svg")
+    );
+    let cmp = trackcheck(
+        &[
+            "bench",
+            "--compare",
+            json.to_str().expect("utf-8"),
+            json.to_str().expect("utf-8"),
+        ],
+        &[],
+    );
+    assert!(cmp.status.success());
+    assert!(
+        text(&cmp.stdout).lines().any(|l| l.contains("dirty-log")
+            && l.contains(" dirty ")
+            && l.trim_end().ends_with("1.00")),
+        "{}",
+        text(&cmp.stdout)
+    );
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}

@@ -83,6 +83,8 @@ pub struct PageRegion {
 pub struct PagemapScanner {
     file: File,
     regions: Vec<PageRegion>,
+    /// Time spent in the ioctl since the last `take_kernel_time`.
+    kernel: std::time::Duration,
 }
 
 impl PagemapScanner {
@@ -91,7 +93,13 @@ impl PagemapScanner {
         Ok(Self {
             file: File::open("/proc/self/pagemap")?,
             regions: vec![PageRegion::default(); capacity.max(1)],
+            kernel: std::time::Duration::ZERO,
         })
+    }
+
+    /// Time spent in PAGEMAP_SCAN since the last call, reset to zero.
+    pub fn take_kernel_time(&mut self) -> std::time::Duration {
+        std::mem::take(&mut self.kernel)
     }
 
     /// Report every written page in `[start, end)` as regions, calling `each(region)`, and with
@@ -120,10 +128,12 @@ impl PagemapScanner {
                 return_mask: PAGE_IS_WRITTEN | PAGE_IS_HUGE,
                 ..Default::default()
             };
+            let start = std::time::Instant::now();
             // SAFETY: `arg` is a `struct pm_scan_arg` (repr(C), size set); `vec` points at
             // `vec_len` writable `struct page_region`s owned by self for the whole call, and
             // start..end is this process's own address range.
             let ret = unsafe { ioctl_with_mut_ref(&self.file, PAGEMAP_SCAN(), &mut arg) };
+            self.kernel += start.elapsed();
             if ret < 0 {
                 return Err(io::Error::last_os_error());
             }

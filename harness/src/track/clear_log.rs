@@ -9,7 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Allowance, PageSet, RearmKind, TrackCtx, TrackError, Tracker};
+use super::{Allowance, KernelTime, PageSet, RearmKind, TrackCtx, TrackError, Tracker};
 use crate::support::Mechanism;
 use crate::sys::dirty::{bitmap_words, clear_dirty_log, get_dirty_log};
 use crate::vm::Vm;
@@ -57,6 +57,7 @@ pub struct ClearLog {
     /// (slot, pages, bitmap of the last collect).
     slots: Vec<(u32, u64, Vec<u64>)>,
     first_collect_pending: bool,
+    time: KernelTime,
 }
 
 impl ClearLog {
@@ -68,12 +69,14 @@ impl ClearLog {
             granularity,
             slots: Vec::new(),
             first_collect_pending: false,
+            time: KernelTime::default(),
         }
     }
 
     /// CLEAR the pages of `mask` (which covers pages `first..end` of `slot`, word 0 = page
     /// `first`, `first` a multiple of 64) the way `granularity` says.
     fn clear_masked(
+        time: &mut KernelTime,
         vm: &Vm,
         granularity: ClearGranularity,
         slot: u32,
@@ -82,11 +85,11 @@ impl ClearLog {
         mask: &[u64],
     ) -> Result<(), TrackError> {
         match granularity {
-            ClearGranularity::Whole => Self::clear(vm, slot, first, end - first, mask),
+            ClearGranularity::Whole => Self::clear(time, vm, slot, first, end - first, mask),
             ClearGranularity::Chunk64 => {
                 for (i, &word) in mask.iter().enumerate().filter(|(_, w)| **w != 0) {
                     let chunk = first + i as u64 * 64;
-                    Self::clear(vm, slot, chunk, (end - chunk).min(64), &[word])?;
+                    Self::clear(time, vm, slot, chunk, (end - chunk).min(64), &[word])?;
                 }
                 Ok(())
             }
@@ -96,7 +99,7 @@ impl ClearLog {
                     let mut w = word;
                     while w != 0 {
                         let bit = w & w.wrapping_neg();
-                        Self::clear(vm, slot, chunk, (end - chunk).min(64), &[bit])?;
+                        Self::clear(time, vm, slot, chunk, (end - chunk).min(64), &[bit])?;
                         w &= w - 1;
                     }
                 }
@@ -105,17 +108,25 @@ impl ClearLog {
         }
     }
 
-    fn clear(vm: &Vm, slot: u32, first: u64, num: u64, mask: &[u64]) -> Result<(), TrackError> {
+    fn clear(
+        time: &mut KernelTime,
+        vm: &Vm,
+        slot: u32,
+        first: u64,
+        num: u64,
+        mask: &[u64],
+    ) -> Result<(), TrackError> {
         let num32 = u32::try_from(num)
             .map_err(|_| TrackError::Setup(format!("slot {slot}: {num} pages")))?;
-        clear_dirty_log(vm.fd(), slot, first, num32, mask).map_err(|e| {
-            TrackError::kvm(
-                "KVM_CLEAR_DIRTY_LOG",
-                slot,
-                format!(" pages {first}..{}", first + num),
-                e,
-            )
-        })
+        time.rearm(|| clear_dirty_log(vm.fd(), slot, first, num32, mask))
+            .map_err(|e| {
+                TrackError::kvm(
+                    "KVM_CLEAR_DIRTY_LOG",
+                    slot,
+                    format!(" pages {first}..{}", first + num),
+                    e,
+                )
+            })
     }
 }
 
@@ -165,7 +176,8 @@ impl Tracker for ClearLog {
     fn collect(&mut self, ctx: &TrackCtx<'_>, out: &mut PageSet) -> Result<(), TrackError> {
         for (slot, _, bitmap) in &mut self.slots {
             bitmap.fill(0);
-            get_dirty_log(ctx.vm.fd(), *slot, bitmap)
+            self.time
+                .collect(|| get_dirty_log(ctx.vm.fd(), *slot, bitmap))
                 .map_err(|e| TrackError::kvm("KVM_GET_DIRTY_LOG", *slot, String::new(), e))?;
             out.or_bitmap(*slot, bitmap);
         }
@@ -175,7 +187,15 @@ impl Tracker for ClearLog {
 
     fn rearm(&mut self, ctx: &TrackCtx<'_>) -> Result<(), TrackError> {
         for (slot, pages, bitmap) in &self.slots {
-            Self::clear_masked(ctx.vm, self.granularity, *slot, 0, *pages, bitmap)?;
+            Self::clear_masked(
+                &mut self.time,
+                ctx.vm,
+                self.granularity,
+                *slot,
+                0,
+                *pages,
+                bitmap,
+            )?;
         }
         Ok(())
     }
@@ -187,7 +207,13 @@ impl Tracker for ClearLog {
         first: u64,
         count: u64,
     ) -> Result<(), TrackError> {
-        let Some((_, pages, bitmap)) = self.slots.iter().find(|(s, _, _)| *s == slot) else {
+        let Self {
+            slots,
+            time,
+            granularity,
+            ..
+        } = self;
+        let Some((_, pages, bitmap)) = slots.iter().find(|(s, _, _)| *s == slot) else {
             return Err(TrackError::Setup(format!("slot {slot} is not tracked")));
         };
         let end = first.saturating_add(count).min(*pages);
@@ -200,8 +226,9 @@ impl Tracker for ClearLog {
             return Ok(());
         }
         Self::clear_masked(
+            time,
             ctx.vm,
-            self.granularity,
+            *granularity,
             slot,
             first - first % 64,
             end,
@@ -227,6 +254,10 @@ impl Tracker for ClearLog {
         } else {
             &[Allowance::WrittenBeforeCopy]
         }
+    }
+
+    fn take_kernel_time(&mut self) -> KernelTime {
+        std::mem::take(&mut self.time)
     }
 
     fn reports_everything_next(&self) -> bool {

@@ -3,7 +3,7 @@
 //! Contract: GET returns the slot's bitmap, clears it, and write-protects the reported pages in
 //! the same call, so collect and rearm are one step; the copy comes after it.
 
-use super::{Allowance, PageSet, RearmKind, TrackCtx, TrackError, Tracker};
+use super::{Allowance, KernelTime, PageSet, RearmKind, TrackCtx, TrackError, Tracker};
 use crate::support::Mechanism;
 use crate::sys::dirty::{bitmap_words, get_dirty_log};
 use crate::vm::Vm;
@@ -13,6 +13,7 @@ use crate::vm::Vm;
 pub struct DirtyLog {
     slots: Vec<(u32, u64)>,
     bitmap: Vec<u64>,
+    time: KernelTime,
 }
 
 impl Tracker for DirtyLog {
@@ -37,7 +38,9 @@ impl Tracker for DirtyLog {
         for &(slot, pages) in &self.slots {
             self.bitmap.clear();
             self.bitmap.resize(bitmap_words(pages), 0);
-            get_dirty_log(ctx.vm.fd(), slot, &mut self.bitmap)
+            let bitmap = &mut self.bitmap;
+            self.time
+                .collect(|| get_dirty_log(ctx.vm.fd(), slot, bitmap))
                 .map_err(|e| TrackError::kvm("KVM_GET_DIRTY_LOG", slot, String::new(), e))?;
             out.or_bitmap(slot, &self.bitmap);
         }
@@ -62,5 +65,9 @@ impl Tracker for DirtyLog {
 
     fn allowances(&self) -> &'static [Allowance] {
         &[Allowance::WrittenBeforeCopy]
+    }
+
+    fn take_kernel_time(&mut self) -> KernelTime {
+        std::mem::take(&mut self.time)
     }
 }

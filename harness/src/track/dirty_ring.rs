@@ -9,7 +9,7 @@
 //! KVM_EXIT_DIRTY_RING_FULL and cannot run again until a reset. Entries may repeat (ring-full
 //! exits and emulated writes add duplicates); the page set de-duplicates them.
 
-use super::{Allowance, PageSet, RearmKind, TrackCtx, TrackError, Tracker};
+use super::{Allowance, KernelTime, PageSet, RearmKind, TrackCtx, TrackError, Tracker};
 use crate::support::Mechanism;
 use crate::sys::dirty::reset_dirty_rings;
 use crate::vm::Vm;
@@ -22,6 +22,7 @@ pub struct DirtyRingTracker {
     /// Entries naming a slot this tracker does not track, or address space 1 (SMM): counted,
     /// never silently dropped.
     pub foreign_entries: u64,
+    time: KernelTime,
 }
 
 impl Tracker for DirtyRingTracker {
@@ -61,7 +62,8 @@ impl Tracker for DirtyRingTracker {
     }
 
     fn rearm(&mut self, ctx: &TrackCtx<'_>) -> Result<(), TrackError> {
-        reset_dirty_rings(ctx.vm.fd())
+        self.time
+            .rearm(|| reset_dirty_rings(ctx.vm.fd()))
             .map(|_| ())
             .map_err(|e| TrackError::kvm("KVM_RESET_DIRTY_RINGS", 0, String::new(), e))
     }
@@ -80,5 +82,9 @@ impl Tracker for DirtyRingTracker {
 
     fn allowances(&self) -> &'static [Allowance] {
         &[Allowance::WrittenBeforeCopy]
+    }
+
+    fn take_kernel_time(&mut self) -> KernelTime {
+        std::mem::take(&mut self.time)
     }
 }

@@ -15,7 +15,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Allowance, PageSet, RearmKind, Step, TrackCtx, TrackError, Tracker};
+use super::{Allowance, KernelTime, PageSet, RearmKind, Step, TrackCtx, TrackError, Tracker};
 use crate::support::Mechanism;
 use crate::vm::Vm;
 
@@ -189,6 +189,10 @@ impl Tracker for Injected {
 
     fn reports_huge_units(&self) -> bool {
         self.inner.reports_huge_units()
+    }
+
+    fn take_kernel_time(&mut self) -> KernelTime {
+        self.inner.take_kernel_time()
     }
 }
 

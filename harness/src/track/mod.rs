@@ -37,6 +37,34 @@ pub struct TrackCtx<'a> {
     pub rings: &'a [DirtyRing],
 }
 
+/// Time spent inside kernel calls (ioctls) by a tracker, apart from its own processing
+/// (bitmap to page list, ring walk), so a benchmark can report the harness's overhead.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelTime {
+    /// In collect's kernel calls.
+    pub collect: std::time::Duration,
+    /// In rearm's kernel calls.
+    pub rearm: std::time::Duration,
+}
+
+impl KernelTime {
+    /// Time `f` and add it to the collect total.
+    pub fn collect<T>(&mut self, f: impl FnOnce() -> T) -> T {
+        let start = std::time::Instant::now();
+        let r = f();
+        self.collect += start.elapsed();
+        r
+    }
+
+    /// Time `f` and add it to the rearm total.
+    pub fn rearm<T>(&mut self, f: impl FnOnce() -> T) -> T {
+        let start = std::time::Instant::now();
+        let r = f();
+        self.rearm += start.elapsed();
+        r
+    }
+}
+
 /// One step of a harvest.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -204,6 +232,9 @@ pub trait Tracker: Send + std::fmt::Debug {
     fn reports_huge_units(&self) -> bool {
         false
     }
+
+    /// Kernel time since the last call, reset to zero.
+    fn take_kernel_time(&mut self) -> KernelTime;
 }
 
 /// Something a tracker can work on: a stopped machine, or the view of a running one.

@@ -17,10 +17,12 @@ impl PageSet {
         Self::default()
     }
 
-    /// Remove every page, keeping the bitmaps' memory.
+    /// Remove every page, keeping the bitmaps' memory: O(slots), the words are not zeroed
+    /// (a shorter bitmap reads as zeros past its end, and the next union into an empty slot is
+    /// a plain copy).
     pub fn clear(&mut self) {
         for words in self.slots.values_mut() {
-            words.fill(0);
+            words.clear();
         }
     }
 
@@ -71,6 +73,10 @@ impl PageSet {
     /// Union KVM bitmap `bitmap` (page 0 of the slot at bit 0) into the set.
     pub fn or_bitmap(&mut self, slot: u32, bitmap: &[u64]) {
         let words = self.slots.entry(slot).or_default();
+        if words.is_empty() {
+            words.extend_from_slice(bitmap);
+            return;
+        }
         if words.len() < bitmap.len() {
             words.resize(bitmap.len(), 0);
         }
@@ -83,6 +89,17 @@ impl PageSet {
     pub fn union_with(&mut self, other: &Self) {
         for (slot, words) in &other.slots {
             self.or_bitmap(*slot, words);
+        }
+    }
+
+    /// Remove every page of `other` (set difference).
+    pub fn remove_all(&mut self, other: &Self) {
+        for (slot, theirs) in &other.slots {
+            if let Some(mine) = self.slots.get_mut(slot) {
+                for (m, t) in mine.iter_mut().zip(theirs) {
+                    *m &= !t;
+                }
+            }
         }
     }
 
@@ -164,9 +181,17 @@ mod tests {
             s.iter().collect::<Vec<_>>(),
             vec![(1, 63), (2, 0), (2, 2), (2, 64)]
         );
-        let cap = s.bitmap(2).len();
+        let mut u = s.clone();
+        u.remove_all(&t);
+        assert_eq!(u.iter().collect::<Vec<_>>(), vec![(1, 63)]);
         s.clear();
         assert!(s.is_empty());
-        assert_eq!(s.bitmap(2).len(), cap, "clear keeps the memory");
+        assert!(!s.contains(2, 64) && s.iter().next().is_none());
+        s.or_bitmap(2, &[0, 0b10]);
+        assert_eq!(
+            s.iter().collect::<Vec<_>>(),
+            vec![(2, 65)],
+            "a union after clear sees no stale bits"
+        );
     }
 }

@@ -23,7 +23,7 @@ use std::thread::JoinHandle;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{Allowance, PageSet, RearmKind, TrackCtx, TrackError, Tracker};
+use super::{Allowance, KernelTime, PageSet, RearmKind, TrackCtx, TrackError, Tracker};
 use crate::memory::Backing;
 use crate::support::Mechanism;
 use crate::sys::pagemap::PagemapScanner;
@@ -109,6 +109,7 @@ pub struct UffdWpAsync {
     fd: Option<File>,
     ranges: Vec<Range>,
     scanner: Option<PagemapScanner>,
+    time: KernelTime,
 }
 
 impl Tracker for UffdWpAsync {
@@ -173,6 +174,14 @@ impl Tracker for UffdWpAsync {
     fn reports_huge_units(&self) -> bool {
         true
     }
+
+    fn take_kernel_time(&mut self) -> KernelTime {
+        let mut t = std::mem::take(&mut self.time);
+        if let Some(scanner) = self.scanner.as_mut() {
+            t.collect += scanner.take_kernel_time();
+        }
+        t
+    }
 }
 
 /// State shared with the fault-handler thread.
@@ -193,6 +202,7 @@ pub struct UffdWpSync {
     stop: Option<EventFd>,
     thread: Option<JoinHandle<()>>,
     collected: PageSet,
+    time: KernelTime,
 }
 
 impl UffdWpSync {
@@ -360,7 +370,15 @@ impl Tracker for UffdWpSync {
                 unit += 1;
             }
             if let Some((s, e)) = run {
-                uffd::writeprotect(fd.as_ref(), r.start + s * r.unit, (e - s) * r.unit, true)
+                self.time
+                    .rearm(|| {
+                        uffd::writeprotect(
+                            fd.as_ref(),
+                            r.start + s * r.unit,
+                            (e - s) * r.unit,
+                            true,
+                        )
+                    })
                     .map_err(host("UFFDIO_WRITEPROTECT"))?;
             }
         }
@@ -391,6 +409,10 @@ impl Tracker for UffdWpSync {
 
     fn reports_huge_units(&self) -> bool {
         true
+    }
+
+    fn take_kernel_time(&mut self) -> KernelTime {
+        std::mem::take(&mut self.time)
     }
 }
 

@@ -1,0 +1,106 @@
+//! `trackcheck bench --harness`: what the harness itself costs — a fresh machine, a reused one,
+//! and property-test throughput (cases per second for a 16-page stepped program on a reused
+//! machine, oracle included).
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use trackcheck_guests::{Op, Program, Thread};
+use trackcheck_harness::ExecutionMode;
+use trackcheck_harness::machine::{Machine, MachineConfig};
+use trackcheck_harness::oracle::{CollectContext, Ledger, Shadow};
+use trackcheck_harness::track::{PageSet, TrackSource, TrackerSpec};
+
+use super::Stat;
+
+/// The harness's own costs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HarnessCost {
+    /// Execution mode measured.
+    pub mode: ExecutionMode,
+    /// A new machine (VM, memslots, page tables, vCPUs) plus loading a program.
+    pub fresh_machine: Stat,
+    /// Loading a program into a used machine and resetting it.
+    pub reuse: Stat,
+    /// Stepped cases per second: load, attach, run, harvest with the oracle, detach.
+    pub cases_per_second: f64,
+    /// Cases measured.
+    pub cases: u32,
+}
+
+fn sixteen_pages(i: u64) -> Program {
+    let ops = (0..16)
+        .map(|p| Op::Write {
+            page: (p * 7 + i) % 16,
+            offset: 8 * ((i % 64) as u16),
+        })
+        .collect();
+    Program::new(16, vec![Thread::new(vec![Op::Sync(1)]), Thread::new(ops)])
+}
+
+/// Measure the harness's costs in `mode` (`rounds` fresh machines, `cases` stepped cases).
+pub fn harness_cost(mode: ExecutionMode, rounds: u32, cases: u32) -> Result<HarnessCost, String> {
+    let config = MachineConfig {
+        vcpus: 2,
+        data_pages: 16,
+        mode,
+        ..MachineConfig::default()
+    };
+    let mut fresh = Vec::new();
+    for i in 0..rounds {
+        let t = Instant::now();
+        let mut m = Machine::new(config.clone()).map_err(|e| e.to_string())?;
+        m.load(&sixteen_pages(u64::from(i)))
+            .map_err(|e| e.to_string())?;
+        fresh.push(t.elapsed());
+    }
+    let mut m = Machine::new(config).map_err(|e| e.to_string())?;
+    let mut reuse: Vec<Duration> = Vec::new();
+    let mut tracker = TrackerSpec::DirtyLog.build();
+    let start = Instant::now();
+    let mut out = PageSet::new();
+    for i in 0..cases {
+        let program = sixteen_pages(u64::from(i)).with_seq_base(u64::from(i) * 100);
+        let t = Instant::now();
+        m.load(&program).map_err(|e| e.to_string())?;
+        m.reset().map_err(|e| e.to_string())?;
+        reuse.push(t.elapsed());
+        m.attach(tracker.as_mut()).map_err(|e| e.to_string())?;
+        let mut ledger = Ledger::new(&program, m.data_layout(), tracker.allowances());
+        let mut shadow = Shadow::new(m.data_layout(), m.data());
+        while m
+            .states()
+            .iter()
+            .any(|s| matches!(s, trackcheck_harness::machine::VcpuState::Ready(_)))
+        {
+            m.run().map_err(|e| e.to_string())?;
+            ledger.observe(&[m.progress(0), m.progress(1)])?;
+            out.clear();
+            tracker
+                .collect(&m.track_ctx(), &mut out)
+                .map_err(|e| e.to_string())?;
+            ledger.collected(
+                &out,
+                CollectContext {
+                    everything: false,
+                    huge_unit_pages: 1,
+                },
+            );
+            tracker.rearm(&m.track_ctx()).map_err(|e| e.to_string())?;
+            shadow.copy(m.data(), &out);
+            ledger.copied(&out);
+        }
+        if !ledger.report().lost.is_empty() || !shadow.compare(m.data()).is_empty() {
+            return Err(format!("case {i} lost pages: {:?}", ledger.report().lost));
+        }
+        m.detach(tracker.as_mut()).map_err(|e| e.to_string())?;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    Ok(HarnessCost {
+        mode,
+        fresh_machine: Stat::of(&fresh),
+        reuse: Stat::of(&reuse),
+        cases_per_second: f64::from(cases) / elapsed,
+        cases,
+    })
+}
