@@ -178,6 +178,29 @@ impl Iterator for ThreadEvents<'_> {
     }
 }
 
+/// The first write after the ones `events` already produced, if its data store has landed:
+/// `word(page, offset)` reads guest memory and must return the write's stamp. A vCPU publishes
+/// progress after the data store, and KVM can stop it between the two (its emulator, on a full
+/// dirty ring), so memory may be one write ahead of progress — never more: the next data store
+/// comes after the progress store. Reads in between are skipped; a sync point or the end of the
+/// program in between means nothing is ahead.
+pub fn landed_ahead(
+    events: &ThreadEvents<'_>,
+    vcpu: usize,
+    word: impl Fn(u64, u16) -> u64,
+) -> Option<(u64, u16, u64)> {
+    let mut look = events.clone();
+    loop {
+        match look.next()? {
+            Event::Write { page, offset, seq } => {
+                return (word(page, offset) == stamp(vcpu, seq)).then_some((page, offset, seq));
+            }
+            Event::Read { .. } => {}
+            Event::Sync(_) | Event::Done { .. } | Event::Misbehave(_) => return None,
+        }
+    }
+}
+
 /// What a thread does between two stops (sync points, done, or a misbehaviour).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Segment {
@@ -307,6 +330,40 @@ mod tests {
         assert_eq!(segs[0].writes, vec![(2, 8, 1)]);
         assert_eq!(segs[1].writes.len(), 4);
         assert_eq!(segs[1].end, Some(Event::Done { last_seq: 5 }));
+    }
+
+    #[test]
+    fn a_landed_write_ahead_of_progress_is_found() {
+        let thread = Thread::new(vec![
+            Op::Write { page: 1, offset: 0 },
+            Op::Read { page: 0, offset: 0 },
+            Op::Write { page: 2, offset: 8 },
+            Op::Sync(1),
+            Op::Write { page: 3, offset: 0 },
+        ]);
+        let mut events = ThreadEvents::with_seq_base(&thread, 10);
+        assert!(matches!(events.next(), Some(Event::Write { seq: 11, .. })));
+        // Memory holds write 12's stamp at page 2 +8: it landed before its progress store.
+        let memory = |page, offset| {
+            if (page, offset) == (2, 8) {
+                stamp(4, 12)
+            } else {
+                0
+            }
+        };
+        assert_eq!(landed_ahead(&events, 4, memory), Some((2, 8, 12)));
+        assert_eq!(landed_ahead(&events, 4, |_, _| 0), None, "not landed");
+        assert_eq!(
+            landed_ahead(&events, 5, memory),
+            None,
+            "another vCPU's stamp"
+        );
+        let _ = (events.next(), events.next());
+        assert_eq!(
+            landed_ahead(&events, 4, |_, _| stamp(4, 13)),
+            None,
+            "a sync point comes first"
+        );
     }
 
     #[test]

@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 
-use trackcheck_guests::sim::ThreadEvents;
+use trackcheck_guests::sim::{ThreadEvents, landed_ahead};
 use trackcheck_guests::{Event, Program};
 
 use super::{DataLayout, LostPage, OracleReport};
@@ -142,8 +142,15 @@ impl<'p> Ledger<'p> {
     }
 
     /// The host stopped every vCPU; `progress[v]` is vCPU v's published progress. Pulls the
-    /// writes made since the last point from the reference interpreter.
-    pub fn observe(&mut self, progress: &[u64]) -> Result<(), String> {
+    /// writes made since the last point from the reference interpreter, plus, per vCPU, a write
+    /// whose data store landed before its progress store (see `sim::landed_ahead`):
+    /// `word(page, offset)` reads the data word of a data page. Without that, a write reported
+    /// and copied at this point would be recorded later, after its copy, and required again.
+    pub fn observe(
+        &mut self,
+        progress: &[u64],
+        word: impl Fn(u64, u16) -> u64,
+    ) -> Result<(), String> {
         self.advance();
         for (vcpu, &target) in progress.iter().enumerate().take(self.cursors.len()) {
             while self.accounted[vcpu] < target {
@@ -166,6 +173,15 @@ impl<'p> Ledger<'p> {
                         ));
                     }
                 }
+            }
+            if let Some((page, _, seq)) = landed_ahead(&self.cursors[vcpu], vcpu, &word) {
+                // Consume up to and including that write.
+                while self.cursors[vcpu]
+                    .next()
+                    .is_some_and(|e| !matches!(e, Event::Write { .. }))
+                {}
+                self.accounted[vcpu] = seq;
+                self.record_write(page, vcpu, seq)?;
             }
         }
         Ok(())
@@ -369,10 +385,10 @@ mod tests {
     fn a_complete_report_passes_and_a_missing_page_is_named() {
         let p = program();
         let mut ok = Ledger::new(&p, DataLayout::single(7, 8), &[]);
-        ok.observe(&[2]).expect("observe");
+        ok.observe(&[2], |_, _| 0).expect("observe");
         ok.collected(&set(&[1, 2]), CollectContext::default());
         ok.copied(&set(&[1, 2]));
-        ok.observe(&[4]).expect("observe");
+        ok.observe(&[4], |_, _| 0).expect("observe");
         ok.collected(&set(&[2, 5]), CollectContext::default());
         ok.copied(&set(&[2, 5]));
         assert!(ok.report().lost.is_empty());
@@ -386,7 +402,7 @@ mod tests {
         );
 
         let mut bad = Ledger::new(&p, DataLayout::single(7, 8), &[]);
-        bad.observe(&[2]).expect("observe");
+        bad.observe(&[2], |_, _| 0).expect("observe");
         bad.collected(&set(&[1]), CollectContext::default());
         bad.copied(&set(&[1]));
         let lost = &bad.report().lost;
@@ -413,11 +429,11 @@ mod tests {
             DataLayout::single(7, 8),
             &[Allowance::WrittenBeforeCopy],
         );
-        l.observe(&[2]).expect("observe");
+        l.observe(&[2], |_, _| 0).expect("observe");
         l.collected(&set(&[1, 2]), CollectContext::default());
-        l.observe(&[4]).expect("observe");
+        l.observe(&[4], |_, _| 0).expect("observe");
         l.copied(&set(&[1, 2]));
-        l.observe(&[4]).expect("observe");
+        l.observe(&[4], |_, _| 0).expect("observe");
         l.collected(&set(&[2]), CollectContext::default());
         assert_eq!(l.report().lost.len(), 1, "{:?}", l.report());
         assert_eq!(l.report().lost[0].page, 5);
@@ -432,7 +448,7 @@ mod tests {
     fn unexplained_extras_are_counted_and_initially_set_is_allowed() {
         let p = program();
         let mut l = Ledger::new(&p, DataLayout::single(7, 8), &[Allowance::InitiallySet]);
-        l.observe(&[0]).expect("observe");
+        l.observe(&[0], |_, _| 0).expect("observe");
         l.collected(
             &set(&[0, 1, 2, 3, 4, 5, 6, 7]),
             CollectContext {
@@ -442,7 +458,7 @@ mod tests {
         );
         l.copied(&set(&[0, 1, 2, 3, 4, 5, 6, 7]));
         assert_eq!(l.report().allowed.get("initially-set"), Some(&8));
-        l.observe(&[2]).expect("observe");
+        l.observe(&[2], |_, _| 0).expect("observe");
         l.collected(&set(&[1, 2, 6]), CollectContext::default());
         assert_eq!(l.report().unexplained, 1);
         assert_eq!(l.unexplained_examples, vec![(7, 6)]);
@@ -481,9 +497,35 @@ mod tests {
     }
 
     #[test]
+    fn a_write_ahead_of_progress_is_not_required_again() {
+        let p = program();
+        let mut l = Ledger::new(&p, DataLayout::single(7, 8), &[]);
+        // Stopped after write 2's data store, before its progress store: memory shows it.
+        let memory = |page: u64, offset: u16| {
+            if (page, offset) == (2, 0) {
+                trackcheck_guests::stamp(0, 2)
+            } else {
+                0
+            }
+        };
+        l.observe(&[1], memory).expect("observe");
+        l.collected(&set(&[1, 2]), CollectContext::default());
+        l.copied(&set(&[1, 2]));
+        assert_eq!(l.report().unexplained, 0, "page 2 was written");
+        // Progress catches up: write 2 is not new, nothing is required.
+        l.observe(&[2], |_, _| 0).expect("observe");
+        l.collected(&set(&[]), CollectContext::default());
+        assert!(l.report().lost.is_empty(), "{:?}", l.report().lost);
+    }
+
+    #[test]
     fn progress_beyond_the_program_is_an_error() {
         let p = program();
         let mut l = Ledger::new(&p, DataLayout::single(7, 8), &[]);
-        assert!(l.observe(&[5]).unwrap_err().contains("only 4 writes"));
+        assert!(
+            l.observe(&[5], |_, _| 0)
+                .unwrap_err()
+                .contains("only 4 writes")
+        );
     }
 }

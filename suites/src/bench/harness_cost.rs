@@ -74,7 +74,10 @@ pub fn harness_cost(mode: ExecutionMode, rounds: u32, cases: u32) -> Result<Harn
             .any(|s| matches!(s, trackcheck_harness::machine::VcpuState::Ready(_)))
         {
             m.run().map_err(|e| e.to_string())?;
-            ledger.observe(&[m.progress(0), m.progress(1)])?;
+            let data = m.data();
+            ledger.observe(&[m.progress(0), m.progress(1)], |page, offset| {
+                data.read_u64(page * 4096 + u64::from(offset))
+            })?;
             out.clear();
             tracker
                 .collect(&m.track_ctx(), &mut out)

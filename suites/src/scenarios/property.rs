@@ -10,7 +10,7 @@ use proptest::test_runner::{
     Config, FileFailurePersistence, RngAlgorithm, TestCaseError, TestError, TestRng, TestRunner,
 };
 use proptest_state_machine::{ReferenceStateMachine, StateMachineTest};
-use trackcheck_guests::sim::ThreadEvents;
+use trackcheck_guests::sim::{ThreadEvents, landed_ahead};
 use trackcheck_guests::{Event, Op, Program, Thread};
 use trackcheck_harness::Stop;
 use trackcheck_harness::machine::{DATA_SLOT, Machine, VcpuState};
@@ -372,20 +372,33 @@ impl Sut {
     /// write recorded twice would make an already copied page look unsynced again).
     fn record(&mut self, program: &Program) {
         self.ledger.advance();
+        let data = self.machine.data();
+        let word = |page: u64, offset: u16| data.read_u64(page * 4096 + u64::from(offset));
         for (v, thread) in program.vcpus.iter().enumerate() {
             let progress = self.machine.progress(v);
-            for e in ThreadEvents::with_seq_base(thread, program.seq_base) {
-                match e {
-                    Event::Write { seq, .. } if seq <= self.recorded[v] => {}
-                    Event::Write { page, seq, .. } if seq <= progress => {
-                        if let Err(e) = self.ledger.record_write(page, v, seq) {
-                            sut_error(e);
-                        }
-                        self.recorded[v] = seq;
+            let mut events = ThreadEvents::with_seq_base(thread, program.seq_base);
+            let mut writes = Vec::new();
+            loop {
+                let mut look = events.clone();
+                match look.next() {
+                    Some(Event::Write { page, seq, .. }) if seq <= progress => {
+                        writes.push((page, seq))
                     }
-                    Event::Write { .. } | Event::Done { .. } => break,
-                    _ => {}
+                    Some(Event::Read { .. } | Event::Sync(_)) => {}
+                    _ => break,
                 }
+                events = look;
+            }
+            // A write whose data store landed before its progress store (see landed_ahead).
+            if let Some((page, _, seq)) = landed_ahead(&events, v, word) {
+                writes.push((page, seq));
+            }
+            let already = self.recorded[v];
+            for (page, seq) in writes.into_iter().filter(|(_, seq)| *seq > already) {
+                if let Err(e) = self.ledger.record_write(page, v, seq) {
+                    sut_error(e);
+                }
+                self.recorded[v] = seq;
             }
         }
     }

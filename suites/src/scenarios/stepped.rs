@@ -48,6 +48,11 @@ fn progress(m: &Machine, vcpus: usize) -> Vec<u64> {
     (0..vcpus).map(|v| m.progress(v)).collect()
 }
 
+/// Reads the 8-byte word at `offset` of data page `page` (for the ledger's landed-ahead check).
+fn word(m: &Machine) -> impl Fn(u64, u16) -> u64 + '_ {
+    |page, offset| m.data().read_u64(page * 4096 + u64::from(offset))
+}
+
 fn any_ready(m: &Machine) -> bool {
     m.states().iter().any(|s| matches!(s, VcpuState::Ready(_)))
 }
@@ -91,7 +96,7 @@ impl Stepper<'_> {
         tracker: &mut dyn Tracker,
         race: bool,
     ) -> Result<(), TrialError> {
-        self.ledger.observe(&progress(m, self.vcpus))?;
+        self.ledger.observe(&progress(m, self.vcpus), word(m))?;
         self.out.clear();
         let ctx = CollectContext {
             everything: tracker.reports_everything_next(),
@@ -125,7 +130,7 @@ impl Stepper<'_> {
                 }
                 if race && step != last && any_ready(m) {
                     segment(m, stalls)?;
-                    ledger.observe(&progress(m, *vcpus))?;
+                    ledger.observe(&progress(m, *vcpus), word(m))?;
                 }
                 Ok(())
             },
