@@ -109,6 +109,14 @@ impl<'a> ThreadEvents<'a> {
     }
 }
 
+impl ThreadEvents<'_> {
+    /// Seq of the last write produced so far (the seq base before the first).
+    #[must_use]
+    pub const fn last_seq(&self) -> u64 {
+        self.seq
+    }
+}
+
 impl Iterator for ThreadEvents<'_> {
     type Item = Event;
 
@@ -176,6 +184,26 @@ impl Iterator for ThreadEvents<'_> {
             }
         }
     }
+}
+
+/// Advances `events` through write `progress` (a vCPU's published progress: the seq of its last
+/// completed write) and returns the writes passed as (page, offset, seq); it stops right after
+/// that write. If the thread ends first, the error is the seq of its last write.
+pub fn writes_through(
+    events: &mut ThreadEvents<'_>,
+    progress: u64,
+) -> Result<Vec<(u64, u16, u64)>, u64> {
+    let mut out = Vec::new();
+    while events.last_seq() < progress {
+        match events.next() {
+            Some(Event::Write { page, offset, seq }) => out.push((page, offset, seq)),
+            Some(Event::Read { .. } | Event::Sync(_)) => {}
+            Some(Event::Done { .. } | Event::Misbehave(_)) | None => {
+                return Err(events.last_seq());
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The first write after the ones `events` already produced, if its data store has landed:
@@ -364,6 +392,30 @@ mod tests {
             None,
             "a sync point comes first"
         );
+    }
+
+    #[test]
+    fn writes_through_stops_right_after_the_progress_write() {
+        let thread = Thread::new(vec![
+            Op::Write { page: 1, offset: 0 },
+            Op::Read { page: 0, offset: 0 },
+            Op::Sync(1),
+            Op::Write { page: 2, offset: 8 },
+            Op::Sync(2),
+            Op::Write { page: 3, offset: 0 },
+        ]);
+        let mut events = ThreadEvents::with_seq_base(&thread, 10);
+        assert_eq!(writes_through(&mut events, 10), Ok(vec![]));
+        assert_eq!(
+            writes_through(&mut events, 12),
+            Ok(vec![(1, 0, 11), (2, 8, 12)])
+        );
+        assert_eq!(
+            events.next(),
+            Some(Event::Sync(2)),
+            "stopped right after write 12"
+        );
+        assert_eq!(writes_through(&mut events, 15), Err(13));
     }
 
     #[test]

@@ -192,9 +192,9 @@ impl Mechanism {
                     ));
                 }
                 let need = if self == Self::UffdWpSync {
-                    uffd::FEATURE_WP
+                    crate::track::uffd::SYNC_FEATURES
                 } else {
-                    uffd::FEATURE_WP | uffd::FEATURE_WP_ASYNC | uffd::FEATURE_WP_UNPOPULATED
+                    crate::track::uffd::ASYNC_FEATURES
                 };
                 let missing = uffd::feature_names(need & !u.feature_bits);
                 if !missing.is_empty() {

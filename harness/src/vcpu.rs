@@ -12,6 +12,7 @@
 //! vCPU returns a [`RunFailure`] naming the vCPU, the last exit, the PC and how long it ran.
 
 use std::cell::RefCell;
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -186,7 +187,9 @@ thread_local! {
 /// Run `f`, collecting the kernel thread ids of every vCPU thread it starts, plus this
 /// thread's own: a kernel log line naming one of them (`PID: n`) belongs to `f`'s work.
 pub fn collect_tids<R>(f: impl FnOnce() -> R) -> (R, Vec<i32>) {
-    let outer = TID_SINK.with(|s| s.borrow_mut().replace(vec![kick::current_tid()]));
+    let me = kick::current_tid();
+    register_tid(me);
+    let outer = TID_SINK.with(|s| s.borrow_mut().replace(vec![me]));
     let r = f();
     let tids = TID_SINK
         .with(|s| std::mem::replace(&mut *s.borrow_mut(), outer))
@@ -194,7 +197,26 @@ pub fn collect_tids<R>(f: impl FnOnce() -> R) -> (R, Vec<i32>) {
     (r, tids)
 }
 
-fn note_tids(tids: impl IntoIterator<Item = i32>) {
+/// Kernel thread ids of every thread the harness started or ran a trial on, in this process.
+static HARNESS_TIDS: Mutex<BTreeSet<i32>> = Mutex::new(BTreeSet::new());
+
+/// Record `tid` as a harness thread (see [`is_harness_tid`]).
+pub fn register_tid(tid: i32) {
+    if let Ok(mut tids) = HARNESS_TIDS.lock() {
+        tids.insert(tid);
+    }
+}
+
+/// Whether `tid` is (or was) a thread of this harness: a kernel log line naming a harness
+/// thread that is not a trial's own belongs to another trial; one naming any other task (a
+/// kworker, another process) may belong to anyone.
+#[must_use]
+pub fn is_harness_tid(tid: i32) -> bool {
+    HARNESS_TIDS.lock().is_ok_and(|tids| tids.contains(&tid))
+}
+
+/// Add `tids` (threads started for the current `collect_tids` call) to its collection.
+pub(crate) fn note_tids(tids: impl IntoIterator<Item = i32>) {
     TID_SINK.with(|s| {
         if let Some(sink) = s.borrow_mut().as_mut() {
             sink.extend(tids);
@@ -424,7 +446,9 @@ pub fn run_group<R>(
             let (state, kick) = (&state, &kicks[i]);
             scope.spawn(move || {
                 kick.thread.store(kick::current_thread(), Ordering::Release);
-                kick.tid.store(kick::current_tid(), Ordering::Release);
+                let tid = kick::current_tid();
+                register_tid(tid);
+                kick.tid.store(tid, Ordering::Release);
                 kick.started.store(true, Ordering::Release);
                 let result = vcpu.run_to_stop(limits, kick);
                 if let Ok(mut results) = state.results.lock() {

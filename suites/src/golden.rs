@@ -145,14 +145,6 @@ impl Golden {
         Ok(golden)
     }
 
-    /// The line of `name`, rendered as the file holds it.
-    #[must_use]
-    pub fn line(&self, name: &str) -> Option<String> {
-        self.entries
-            .get(name)
-            .map(|(e, ev)| format!("{name} {} {ev}", e.token()).trim_end().to_string())
-    }
-
     /// What the file expects of `name`.
     #[must_use]
     pub fn expected(&self, name: &str) -> Option<&Expected> {
@@ -275,7 +267,24 @@ pub fn bless(host_key: &str, kernel: &str, runs: &[Vec<TrialResult>], previous: 
             by_name.entry(r.name.as_str()).or_default().push(r);
         }
     }
-    let width = by_name.keys().map(|n| n.len()).max().unwrap_or(40);
+    // Entries of trials these runs did not cover are kept as they are.
+    let kept: Vec<(&str, &(Expected, String))> = previous
+        .entries
+        .iter()
+        .filter(|(name, _)| !by_name.contains_key(name.as_str()))
+        .map(|(name, entry)| (name.as_str(), entry))
+        .collect();
+    let width = by_name
+        .keys()
+        .copied()
+        .chain(kept.iter().map(|(n, _)| *n))
+        .map(str::len)
+        .max()
+        .unwrap_or(40);
+    let mut lines: BTreeMap<&str, String> = kept
+        .into_iter()
+        .map(|(name, (e, ev))| (name, format!("{name:<width$} {:<22} {ev}", e.token())))
+        .collect();
     let mut body = String::new();
     let _ = writeln!(
         body,
@@ -343,7 +352,12 @@ pub fn bless(host_key: &str, kernel: &str, runs: &[Vec<TrialResult>], previous: 
             (Expected::Pass, String::new())
         };
         let (expected, evidence) = merge(previous.entries.get(*name), expected, evidence);
-        let line = format!("{name:<width$} {:<22} {evidence}", expected.token());
+        lines.insert(
+            *name,
+            format!("{name:<width$} {:<22} {evidence}", expected.token()),
+        );
+    }
+    for line in lines.values() {
         let _ = writeln!(body, "{}", line.trim_end());
     }
     format!(
@@ -396,6 +410,46 @@ mod tests {
         assert_eq!(e, Expected::Fail(lost()));
         let (e, _) = merge(None, Expected::Pass, String::new());
         assert_eq!(e, Expected::Pass);
+    }
+
+    #[test]
+    fn blessing_keeps_the_entries_of_trials_it_did_not_run() {
+        let spec = crate::spec::TrialSpec {
+            tracker: trackcheck_harness::track::TrackerSpec::DirtyLog,
+            scenario: crate::spec::Scenario::Stepped,
+            backing: trackcheck_harness::Backing::Anon,
+            mode: trackcheck_harness::ExecutionMode::Native,
+            inject: None,
+        };
+        let ran = TrialResult::new(&spec, 1);
+        let mut previous = Golden::default();
+        previous.entries.insert(
+            "a::zz::old".into(),
+            (
+                Expected::Intermittent(vec![FailKind::Lost]),
+                "1/20 runs failed".into(),
+            ),
+        );
+        previous
+            .entries
+            .insert("zzz::kept".into(), (Expected::Skip, "no pool".into()));
+        let text = bless("k", "6.x", &[vec![ran]], &previous);
+        let body: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with(['#', '-', 's', 'e']))
+            .collect();
+        assert_eq!(body.len(), 3, "{text}");
+        assert!(body[0].starts_with("a::zz::old ") && body[0].ends_with("1/20 runs failed"));
+        assert!(body[1].starts_with(&spec.name()) && body[1].contains(" pass"));
+        assert!(body[2].starts_with("zzz::kept ") && body[2].contains(" skip "));
+        let column = |l: &str| {
+            l.find(|c: char| c.is_whitespace())
+                .map(|i| i + l[i..].find(|c: char| !c.is_whitespace()).unwrap_or(0))
+        };
+        assert!(
+            body.iter().all(|l| column(l) == column(body[0])),
+            "aligned: {text}"
+        );
     }
 
     #[test]

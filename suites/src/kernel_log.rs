@@ -9,6 +9,8 @@ use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Read, Seek, SeekFrom};
 use std::os::unix::fs::OpenOptionsExt;
 
+use trackcheck_harness::vcpu::is_harness_tid;
+
 /// Lines that mean the kernel hit a hazard.
 const PATTERNS: &[&str] = &[
     "WARNING:",
@@ -59,8 +61,9 @@ impl KernelWatch {
     }
 
     /// Hazards since `start`: matching kernel log lines and taint changes. A line that names a
-    /// task (`PID: n`) counts only if `n` is one of `own` (the trial's threads): other trials
-    /// running at the same time have their own. Lines naming no task count for everyone.
+    /// harness thread (`PID: n`) counts only if `n` is one of `own` (the trial's threads):
+    /// other trials running at the same time have their own. Lines naming no task, or a task
+    /// that is not the harness's (a kworker), count for everyone.
     #[must_use]
     pub fn finish(mut self, own: &[i32]) -> Vec<String> {
         let mut out = Vec::new();
@@ -75,9 +78,7 @@ impl KernelWatch {
                             .split_once(';')
                             .map_or(record.as_ref(), |(_, m)| m)
                             .trim();
-                        let theirs = task_of(message).is_some_and(|pid| !own.contains(&pid));
-                        if PATTERNS.iter().any(|p| message.contains(p)) && !theirs && out.len() < 20
-                        {
+                        if counts(message, own) && out.len() < 20 {
                             out.push(format!("kernel: {message}"));
                         }
                     }
@@ -88,22 +89,38 @@ impl KernelWatch {
                 }
             }
         }
-        // A taint change is attributed only with a matching line: the taint is global and a WARN
-        // from another trial's thread sets it too.
-        if let (Some(before), Some(after), false) = (self.taint, taint(), out.is_empty())
+        // With the log readable, a taint change is attributed only with a matching line: the
+        // taint is global and a WARN from another trial's thread sets it too. Without the log,
+        // the change is all there is to see: it is reported, naming the doubt.
+        let readable = self.kmsg.is_some();
+        if let (Some(before), Some(after)) = (self.taint, taint())
             && after != before
+            && (!out.is_empty() || !readable)
         {
             let warn = if (after & !before) & TAINT_WARN != 0 {
                 " (W: a kernel WARN fired)"
             } else {
                 ""
             };
+            let doubt = if readable {
+                ""
+            } else {
+                "; /dev/kmsg is unreadable, so it may come from another trial running at the \
+                 same time (run as root, or with kernel.dmesg_restrict=0, to see the lines)"
+            };
             out.push(format!(
-                "kernel taint changed from {before} to {after}{warn}"
+                "kernel taint changed from {before} to {after}{warn}{doubt}"
             ));
         }
         out
     }
+}
+
+/// Whether `message` is a hazard for the trial whose threads are `own`: a hazard line that
+/// names no harness thread of another trial.
+fn counts(message: &str, own: &[i32]) -> bool {
+    let theirs = task_of(message).is_some_and(|pid| !own.contains(&pid) && is_harness_tid(pid));
+    PATTERNS.iter().any(|p| message.contains(p)) && !theirs
 }
 
 /// The task a kernel log line names (`PID: 1234`), if any.
@@ -124,5 +141,13 @@ mod tests {
         let line = "WARNING: CPU: 0 PID: 19479 at arch/x86/kvm/../../../virt/kvm/dirty_ring.c:225 kvm_dirty_ring_push+0xe2/0xf0";
         assert_eq!(task_of(line), Some(19479));
         assert_eq!(task_of("BUG: unable to handle page fault"), None);
+        // 19479 is no harness thread (a kworker, say): the line counts for every trial.
+        assert!(counts(line, &[1, 2]));
+        // Once it is another trial's thread, only that trial sees it.
+        trackcheck_harness::vcpu::register_tid(19479);
+        assert!(!counts(line, &[1, 2]));
+        assert!(counts(line, &[19479]));
+        assert!(counts("BUG: unable to handle page fault", &[1]));
+        assert!(!counts("kvm: something harmless PID: 3", &[3]));
     }
 }

@@ -486,19 +486,7 @@ fn run(
     }
     let seconds = start.elapsed().as_secs_f64();
     if bless {
-        let mut text = golden::bless(&host.key(), &host.kernel.release, &runs, &golden);
-        // Keep entries of trials this run did not cover.
-        let ran: std::collections::BTreeSet<String> = specs.iter().map(|s| s.name()).collect();
-        let kept: Vec<String> = golden
-            .entries
-            .iter()
-            .filter(|(name, _)| !ran.contains(*name))
-            .filter_map(|(name, _)| golden.line(name))
-            .collect();
-        for line in kept {
-            text.push_str(&line);
-            text.push('\n');
-        }
+        let text = golden::bless(&host.key(), &host.kernel.release, &runs, &golden);
         if let Err(e) =
             std::fs::create_dir_all(&golden_dir).and_then(|()| std::fs::write(&golden.path, &text))
         {
@@ -510,7 +498,7 @@ fn run(
             runs.len()
         );
     }
-    let mut results = runs.pop().unwrap_or_default();
+    let mut results = runner::fold_runs(runs);
     if let Err(e) = runner::write_replays(out, &host.key(), &mut results) {
         eprintln!("trackcheck: cannot write replay files: {e}");
     }

@@ -258,7 +258,7 @@ fn one_line(s: &str) -> String {
 mod tests {
     use super::*;
     use crate::spec::{Scenario, TrialSpec};
-    use crate::trial::{FailKind, replay_command};
+    use crate::trial::FailKind;
     use trackcheck_harness::track::TrackerSpec;
     use trackcheck_harness::{Backing, ExecutionMode};
 
@@ -270,29 +270,16 @@ mod tests {
             mode: ExecutionMode::Native,
             inject: None,
         };
-        TrialResult {
-            name: format!("{}-{}", spec.name(), verdict.name()),
-            mechanism: "dirty-log".into(),
-            scenario: "stepped".into(),
-            mode: "native".into(),
-            backing: "anon".into(),
-            verdict,
-            reason: reason.map(String::from),
-            fail_kind: (verdict == Verdict::Fail).then_some(FailKind::Lost),
-            seed: 7,
-            replay: replay_command(&spec, 7),
-            written: 3,
-            reported: 3,
-            extra: 0,
-            allowed: BTreeMap::new(),
-            unexplained: 0,
-            lost: Vec::new(),
-            rounds: 2,
-            duration_ms: 1.0,
-            evidence: Vec::new(),
-            injected_pages: None,
-            spec,
-        }
+        let mut r = TrialResult::new(&spec, 7);
+        r.name = format!("{}-{}", spec.name(), verdict.name());
+        r.verdict = verdict;
+        r.reason = reason.map(String::from);
+        r.fail_kind = (verdict == Verdict::Fail).then_some(FailKind::Lost);
+        r.written = 3;
+        r.reported = 3;
+        r.rounds = 2;
+        r.duration_ms = 1.0;
+        r
     }
 
     /// Every line is a KTAP line: version, plan, result (`ok`/`not ok` N name [# ...]) or a

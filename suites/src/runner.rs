@@ -1,5 +1,6 @@
 //! Selecting and running trials on worker threads, and replay files.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -35,16 +36,26 @@ impl Selection {
         } else {
             matrix::matrix()
         };
-        // Filters match the names as listed (before --inject-loss adds its suffix).
+        // Filters match the names as listed, or as --inject-loss makes them (with its suffix).
         let matches = |s: &TrialSpec| {
-            let name = s.name();
+            let listed = s.name();
+            let injected = self.inject.map(|fault| {
+                TrialSpec {
+                    inject: Some(fault),
+                    ..*s
+                }
+                .name()
+            });
+            let names = std::iter::once(listed).chain(injected);
             self.filters.is_empty()
-                || self.filters.iter().any(|f| {
-                    if self.exact {
-                        name == *f
-                    } else {
-                        name.contains(f.as_str())
-                    }
+                || names.into_iter().any(|name| {
+                    self.filters.iter().any(|f| {
+                        if self.exact {
+                            name == *f
+                        } else {
+                            name.contains(f.as_str())
+                        }
+                    })
                 })
         };
         base.into_iter()
@@ -100,6 +111,63 @@ pub fn run_all(
         .unwrap_or_default()
         .into_iter()
         .flatten()
+        .collect()
+}
+
+/// How much a verdict matters when runs of one trial disagree (higher shows).
+const fn severity(v: Verdict) -> u8 {
+    match v {
+        Verdict::Fail => 5,
+        Verdict::Error => 4,
+        Verdict::UnexpectedPass => 3,
+        Verdict::KnownFailure => 2,
+        Verdict::Skip => 1,
+        Verdict::Pass => 0,
+    }
+}
+
+/// One result per trial from `runs` (each a full `run_all` over the same specs): the first run
+/// with the most severe verdict, so a failure in any run decides the report and the exit
+/// status. With more than one run, its reason and evidence say how every run went.
+#[must_use]
+pub fn fold_runs(runs: Vec<Vec<TrialResult>>) -> Vec<TrialResult> {
+    let total = runs.len();
+    let mut folded: Vec<(TrialResult, BTreeMap<&'static str, usize>)> = Vec::new();
+    for run in runs {
+        for (i, r) in run.into_iter().enumerate() {
+            if let Some((kept, counts)) = folded.get_mut(i) {
+                *counts.entry(r.verdict.name()).or_default() += 1;
+                if severity(r.verdict) > severity(kept.verdict) {
+                    *kept = r;
+                }
+            } else {
+                let counts = BTreeMap::from([(r.verdict.name(), 1)]);
+                folded.push((r, counts));
+            }
+        }
+    }
+    folded
+        .into_iter()
+        .map(|(mut r, counts)| {
+            if total > 1 {
+                let summary = format!(
+                    "{total} runs: {}",
+                    counts
+                        .iter()
+                        .map(|(v, n)| format!("{n} {v}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                if r.verdict != Verdict::Pass {
+                    r.reason = Some(match r.reason.take() {
+                        Some(why) => format!("{why} [{summary}; shown: the first of these]"),
+                        None => format!("[{summary}]"),
+                    });
+                }
+                r.evidence.push(summary);
+            }
+            r
+        })
         .collect()
 }
 
@@ -170,4 +238,87 @@ pub fn read_replay(path: &Path) -> Result<ReplayFile, String> {
         ));
     }
     Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{Scenario, TrialSpec};
+    use trackcheck_harness::track::TrackerSpec;
+    use trackcheck_harness::{Backing, ExecutionMode};
+
+    fn result(verdict: Verdict, seed: u64) -> TrialResult {
+        let spec = TrialSpec {
+            tracker: TrackerSpec::DirtyLog,
+            scenario: Scenario::Stepped,
+            backing: Backing::Anon,
+            mode: ExecutionMode::Native,
+            inject: None,
+        };
+        let mut r = TrialResult::new(&spec, seed);
+        r.verdict = verdict;
+        if verdict != Verdict::Pass {
+            r.reason = Some(format!("run {seed}"));
+        }
+        r
+    }
+
+    /// The selection a replay command (`trackcheck run [--selftest] --exact NAME
+    /// [--inject-loss F] --seed N`) makes.
+    fn selection_of(command: &str) -> Selection {
+        let words: Vec<&str> = command.split(' ').collect();
+        let after = |flag: &str| {
+            let i = words.iter().position(|w| *w == flag)?;
+            Some(words[i + 1].trim_matches('\''))
+        };
+        Selection {
+            filters: after("--exact").map(String::from).into_iter().collect(),
+            exact: true,
+            selftest: words.contains(&"--selftest"),
+            inject: after("--inject-loss").map(|f| f.parse().expect("fault")),
+        }
+    }
+
+    #[test]
+    fn every_replay_command_selects_exactly_its_trial() {
+        let selftest = crate::matrix::selftests()[0];
+        let plain = crate::matrix::matrix()[0];
+        let injected = TrialSpec {
+            inject: Some(trackcheck_harness::track::inject::Fault::DropPage),
+            ..plain
+        };
+        for spec in [selftest, plain, injected] {
+            let command = crate::trial::replay_command(&spec, 42);
+            assert!(command.ends_with("--seed 42"), "{command}");
+            assert_eq!(selection_of(&command).specs(), vec![spec], "{command}");
+        }
+        // The suffixed name of a CLI-injected trial selects it too.
+        let by_full_name = Selection {
+            filters: vec![injected.name()],
+            exact: true,
+            selftest: false,
+            inject: injected.inject,
+        };
+        assert_eq!(by_full_name.specs(), vec![injected]);
+    }
+
+    #[test]
+    fn a_failure_in_any_run_is_what_the_report_shows() {
+        let runs = vec![
+            vec![result(Verdict::Pass, 1), result(Verdict::KnownFailure, 1)],
+            vec![result(Verdict::Fail, 2), result(Verdict::Pass, 2)],
+            vec![result(Verdict::Fail, 3), result(Verdict::KnownFailure, 3)],
+        ];
+        let folded = fold_runs(runs);
+        assert_eq!(folded[0].verdict, Verdict::Fail);
+        assert_eq!(folded[0].seed, 2, "the first failing run is shown");
+        assert_eq!(
+            folded[0].reason.as_deref(),
+            Some("run 2 [3 runs: 2 fail, 1 pass; shown: the first of these]")
+        );
+        assert_eq!(folded[1].verdict, Verdict::KnownFailure);
+        assert_eq!(folded[1].seed, 1);
+        let single = fold_runs(vec![vec![result(Verdict::Pass, 1)]]);
+        assert!(single[0].evidence.is_empty() && single[0].reason.is_none());
+    }
 }

@@ -107,6 +107,38 @@ impl Scenario {
             Self::PropPrograms | Self::PropInterleavings => "proptest",
         }
     }
+
+    /// Whether `fault` deterministically loses a write in this scenario (mechanism aside, see
+    /// `inject::applicability`); the error says why not. A self-test must lose a write every
+    /// time, or a pass would say nothing about the oracle.
+    pub const fn loses_under(&self, fault: Fault) -> Result<(), &'static str> {
+        match (self, fault) {
+            (Self::PropInterleavings, _) => Err(
+                "the interleavings build a tracker per case and drive it step by step; inject \
+                 into proptest-programs instead",
+            ),
+            (Self::Race, _) | (_, Fault::DropPage) => Ok(()),
+            (Self::Concurrent { .. }, _) => Err(
+                "with a fault injected the concurrent guest writes each page once, so a page \
+                 left writable is never written again, and whether a write lands between copy \
+                 and rearm is timing",
+            ),
+            (Self::PropPrograms, Fault::SkipRearm) => {
+                Err("a random program need not write a page again after the skipped rearm")
+            }
+            (_, Fault::CopyBeforeRearm) => Err(
+                "the guest is stopped from collect to copy here, so a copy before the rearm \
+                 sees every write (the race scenario runs the guest in between)",
+            ),
+            (
+                Self::Stepped
+                | Self::RingFull { .. }
+                | Self::CrossCheck { .. }
+                | Self::ClearGeometry,
+                Fault::SkipRearm,
+            ) => Ok(()),
+        }
+    }
 }
 
 /// `clear-log/whole` -> `clear-log-whole`: labels become one path component.

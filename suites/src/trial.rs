@@ -127,6 +127,46 @@ pub struct TrialResult {
     pub spec: TrialSpec,
 }
 
+impl TrialResult {
+    /// A passing result with nothing counted yet.
+    #[must_use]
+    pub fn new(spec: &TrialSpec, seed: u64) -> Self {
+        Self {
+            name: spec.name(),
+            mechanism: spec.tracker.label(),
+            scenario: spec.scenario.name(),
+            mode: spec.mode.name().into(),
+            backing: spec.backing.name().into(),
+            verdict: Verdict::Pass,
+            reason: None,
+            fail_kind: None,
+            seed,
+            replay: replay_command(spec, seed),
+            written: 0,
+            reported: 0,
+            extra: 0,
+            allowed: BTreeMap::new(),
+            unexplained: 0,
+            lost: Vec::new(),
+            rounds: 0,
+            duration_ms: 0.0,
+            evidence: Vec::new(),
+            injected_pages: None,
+            spec: *spec,
+        }
+    }
+}
+
+/// Whether `required` (see [`required_mechanisms`]) demands the mechanism of `spec`, by
+/// mechanism name (`dirty-ring`) or label with parameters (`dirty-ring/4k`).
+#[must_use]
+pub fn is_demanded(spec: &TrialSpec, required: &[String]) -> bool {
+    let mechanism = spec.tracker.mechanism();
+    required
+        .iter()
+        .any(|r| r == mechanism.name() || *r == spec.tracker.label())
+}
+
 /// Mechanisms `TRACKCHECK_REQUIRE` (comma separated) demands.
 #[must_use]
 pub fn required_mechanisms() -> Vec<String> {
@@ -143,7 +183,23 @@ pub fn required_mechanisms() -> Vec<String> {
 /// The replay command for `spec` with `seed`.
 #[must_use]
 pub fn replay_command(spec: &TrialSpec, seed: u64) -> String {
-    format!("trackcheck run --exact '{}' --seed {seed}", spec.name())
+    match spec.inject {
+        None => format!("trackcheck run --exact '{}' --seed {seed}", spec.name()),
+        Some(_) if crate::matrix::selftests().contains(spec) => format!(
+            "trackcheck run --selftest --exact '{}' --seed {seed}",
+            spec.name()
+        ),
+        Some(fault) => {
+            let base = TrialSpec {
+                inject: None,
+                ..*spec
+            };
+            format!(
+                "trackcheck run --exact '{}' --inject-loss {fault} --seed {seed}",
+                base.name()
+            )
+        }
+    }
 }
 
 /// Run `spec` with `seed` on `host`. The verdict is raw (pass / fail / skip / error); golden
@@ -156,33 +212,8 @@ pub fn run_trial(
     required: &[String],
 ) -> TrialResult {
     let start = Instant::now();
-    let mut result = TrialResult {
-        name: spec.name(),
-        mechanism: spec.tracker.label(),
-        scenario: spec.scenario.name(),
-        mode: spec.mode.name().into(),
-        backing: spec.backing.name().into(),
-        verdict: Verdict::Pass,
-        reason: None,
-        fail_kind: None,
-        seed,
-        replay: replay_command(spec, seed),
-        written: 0,
-        reported: 0,
-        extra: 0,
-        allowed: BTreeMap::new(),
-        unexplained: 0,
-        lost: Vec::new(),
-        rounds: 0,
-        duration_ms: 0.0,
-        evidence: Vec::new(),
-        injected_pages: None,
-        spec: *spec,
-    };
-    let mechanism = spec.tracker.mechanism();
-    let demanded = required
-        .iter()
-        .any(|r| r == mechanism.name() || r == &spec.tracker.label());
+    let mut result = TrialResult::new(spec, seed);
+    let demanded = is_demanded(spec, required);
     if let Err(reason) = scenarios::precheck(spec, host) {
         skip_or_require(&mut result, reason, demanded);
         result.duration_ms = start.elapsed().as_secs_f64() * 1e3;
@@ -210,6 +241,15 @@ pub fn run_trial(
             result.injected_pages = f.affected.map(|a| a.iter().collect());
             result.lost = r.lost;
             result.evidence.extend(f.hazards.iter().cloned());
+            result
+                .evidence
+                .extend(f.problems.iter().map(|p| format!("problem: {p}")));
+            // Whatever else went wrong is named in the reason too, after the gravest finding.
+            let also = |rest: &[&String]| match rest {
+                [] => String::new(),
+                [one] => format!("; also: {one}"),
+                [one, more @ ..] => format!("; also: {one} (+{} more in the evidence)", more.len()),
+            };
             if !result.lost.is_empty() {
                 let first: Vec<String> = result
                     .lost
@@ -222,18 +262,17 @@ pub fn run_trial(
                 } else {
                     String::new()
                 };
-                let also = f
-                    .hazards
-                    .first()
-                    .map_or(String::new(), |h| format!("; also: {h}"));
+                let rest: Vec<&String> = f.hazards.iter().chain(&f.problems).collect();
                 let reason = format!(
-                    "lost {} page(s): {}{more}{also}",
+                    "lost {} page(s): {}{more}{}",
                     result.lost.len(),
-                    first.join("; ")
+                    first.join("; "),
+                    also(&rest)
                 );
                 fail(&mut result, FailKind::Lost, reason);
-            } else if let Some(h) = f.hazards.first() {
-                fail(&mut result, FailKind::Hazard, h.clone());
+            } else if let Some((h, others)) = f.hazards.split_first() {
+                let rest: Vec<&String> = others.iter().chain(&f.problems).collect();
+                fail(&mut result, FailKind::Hazard, format!("{h}{}", also(&rest)));
             } else if !f.problems.is_empty() {
                 fail(&mut result, FailKind::Problem, f.problems.join("; "));
             }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use libtest_mimic::{Arguments, Completion, Failed, Trial};
 use trackcheck_harness::HostProfile;
 use trackcheck_suites::golden::{self, Golden};
-use trackcheck_suites::trial::{Verdict, required_mechanisms, run_trial};
+use trackcheck_suites::trial::{Verdict, is_demanded, required_mechanisms, run_trial};
 use trackcheck_suites::{matrix, runner, scenarios};
 
 fn main() {
@@ -37,9 +37,7 @@ fn main() {
         .map(|spec| {
             let spec = *spec;
             let precheck = scenarios::precheck(&spec, &host);
-            let demanded = required
-                .iter()
-                .any(|r| r == spec.tracker.mechanism().name());
+            let demanded = is_demanded(&spec, &required);
             let (host, golden, required, out) =
                 (host.clone(), golden.clone(), required.clone(), out.clone());
             let ignored = precheck.is_err() && !demanded;

@@ -1,7 +1,7 @@
 //! The oracle's self-test: every tracker wrapped with each deliberate loss. A trial passes when
-//! the oracle fails the run and every lost page it names is one the fault touched. Faults that
-//! cannot lose writes on a mechanism (its rearm is atomic, or skipping it keeps the pages
-//! dirty) are ignored with that reason.
+//! the oracle fails the run and every lost page it names is one the fault touched
+//! (`report::caught`). Faults that cannot lose writes in a scenario or on a mechanism (its
+//! rearm is atomic, or skipping it keeps the pages dirty) are ignored with that reason.
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeSet;
@@ -9,9 +9,8 @@ use std::sync::Arc;
 
 use libtest_mimic::{Arguments, Completion, Failed, Trial};
 use trackcheck_harness::HostProfile;
-use trackcheck_harness::track::inject::applicability;
 use trackcheck_suites::trial::{Verdict, run_trial};
-use trackcheck_suites::{matrix, scenarios};
+use trackcheck_suites::{matrix, report, scenarios};
 
 fn main() {
     let args = Arguments::from_args();
@@ -20,10 +19,13 @@ fn main() {
     let trials = matrix::selftests()
         .into_iter()
         .map(|spec| {
-            let fault = spec.inject.unwrap_or(trackcheck_harness::track::inject::Fault::DropPage);
-            let skip = scenarios::precheck(&spec, &host)
-                .err()
-                .or_else(|| applicability(fault, spec.tracker.build().rearm_kind()).err().map(|why| format!("{fault} cannot lose writes on {}: {why}", spec.tracker.label())));
+            let fault = spec
+                .inject
+                .unwrap_or(trackcheck_harness::track::inject::Fault::DropPage);
+            let skip = scenarios::precheck(&spec, &host).err().or_else(|| {
+                scenarios::inject_applicability(&spec, fault, spec.tracker.build().rearm_kind())
+                    .err()
+            });
             if let (Some(reason), false) = (&skip, listing) {
                 eprintln!("skip {}: {reason}", spec.name());
             }
@@ -33,22 +35,27 @@ fn main() {
                 if r.verdict == Verdict::Skip {
                     return Ok(Completion::ignored_with(r.reason.unwrap_or_default()));
                 }
-                let affected: BTreeSet<(u32, u64)> = r.injected_pages.clone().unwrap_or_default().into_iter().collect();
+                if report::caught(&r) {
+                    return Ok(Completion::Completed);
+                }
+                let affected: BTreeSet<(u32, u64)> =
+                    r.injected_pages.iter().flatten().copied().collect();
                 let lost: BTreeSet<(u32, u64)> = r.lost.iter().map(|l| (l.slot, l.page)).collect();
-                if r.verdict != Verdict::Fail || lost.is_empty() {
-                    return Err(Failed::from(format!(
+                let wrong: Vec<&(u32, u64)> = lost.difference(&affected).collect();
+                Err(Failed::from(if lost.is_empty() || r.verdict != Verdict::Fail {
+                    format!(
                         "{fault} was not caught: verdict {} ({}); the fault touched {} pages; seed {}",
                         r.verdict.name(),
                         r.reason.unwrap_or_default(),
                         affected.len(),
                         r.seed
-                    )));
-                }
-                let wrong: Vec<&(u32, u64)> = lost.difference(&affected).collect();
-                if !wrong.is_empty() {
-                    return Err(Failed::from(format!("the oracle named pages the fault did not touch: {wrong:?} (lost {lost:?}, affected {affected:?})")));
-                }
-                Ok(Completion::Completed)
+                    )
+                } else {
+                    format!(
+                        "the oracle named pages the fault did not touch: {wrong:?} (lost {lost:?}, affected {affected:?}); seed {}",
+                        r.seed
+                    )
+                }))
             })
             .with_ignored_flag(skip.is_some())
         })

@@ -12,10 +12,8 @@
 //! mechanism and for writes landing between the harvest steps: a write after the collect but
 //! before the copy is in the copy; one after the copy must be reported next time.
 
-use std::collections::BTreeMap;
-
-use trackcheck_guests::sim::{ThreadEvents, landed_ahead};
-use trackcheck_guests::{Event, Program};
+use trackcheck_guests::Program;
+use trackcheck_guests::sim::{ThreadEvents, landed_ahead, writes_through};
 
 use super::{DataLayout, LostPage, OracleReport};
 use crate::track::{Allowance, PageSet};
@@ -153,33 +151,18 @@ impl<'p> Ledger<'p> {
     ) -> Result<(), String> {
         self.advance();
         for (vcpu, &target) in progress.iter().enumerate().take(self.cursors.len()) {
-            while self.accounted[vcpu] < target {
-                match self.cursors[vcpu].next() {
-                    Some(Event::Write { page, seq, .. }) => {
-                        if seq != self.accounted[vcpu] + 1 {
-                            return Err(format!(
-                                "vCPU {vcpu}: interpreter seq {seq} after {}",
-                                self.accounted[vcpu]
-                            ));
-                        }
-                        self.accounted[vcpu] = seq;
-                        self.record_write(page, vcpu, seq)?;
-                    }
-                    Some(_) => {}
-                    None => {
-                        return Err(format!(
-                            "vCPU {vcpu} published progress {target}, but its program has only {} writes",
-                            self.accounted[vcpu]
-                        ));
-                    }
-                }
+            let writes = writes_through(&mut self.cursors[vcpu], target).map_err(|had| {
+                format!(
+                    "vCPU {vcpu} published progress {target}, but its program has only {had} writes"
+                )
+            })?;
+            for (page, _, seq) in writes {
+                self.accounted[vcpu] = seq;
+                self.record_write(page, vcpu, seq)?;
             }
             if let Some((page, _, seq)) = landed_ahead(&self.cursors[vcpu], vcpu, &word) {
-                // Consume up to and including that write.
-                while self.cursors[vcpu]
-                    .next()
-                    .is_some_and(|e| !matches!(e, Event::Write { .. }))
-                {}
+                // Consume it: the cursor stands right after it, as if progress named it.
+                let _ = writes_through(&mut self.cursors[vcpu], seq);
                 self.accounted[vcpu] = seq;
                 self.record_write(page, vcpu, seq)?;
             }
@@ -329,14 +312,6 @@ impl<'p> Ledger<'p> {
         self.pages.iter().filter(|s| s.last.is_some()).count() as u64
     }
 
-    /// The vCPU, seq and collect round of the latest write to `data_page` (for attributing a
-    /// shadow mismatch the containment check did not already name).
-    #[must_use]
-    pub fn last_write(&self, data_page: u64) -> Option<(usize, u64, u32)> {
-        let s = self.pages.get(usize::try_from(data_page).ok()?)?;
-        s.last.map(|w| (w.vcpu, w.seq, w.point))
-    }
-
     /// The report so far.
     #[must_use]
     pub fn report(&self) -> &OracleReport {
@@ -346,12 +321,6 @@ impl<'p> Ledger<'p> {
     /// The report, mutably (to add shadow findings).
     pub fn report_mut(&mut self) -> &mut OracleReport {
         &mut self.report
-    }
-
-    /// Allowances in use, with counts, for a summary line.
-    #[must_use]
-    pub fn allowance_counts(&self) -> BTreeMap<String, u64> {
-        self.report.allowed.clone()
     }
 }
 

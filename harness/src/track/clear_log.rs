@@ -10,7 +10,6 @@
 use serde::{Deserialize, Serialize};
 
 use super::{Allowance, KernelTime, PageSet, RearmKind, TrackCtx, TrackError, Tracker};
-use crate::support::Mechanism;
 use crate::sys::dirty::{bitmap_words, clear_dirty_log, get_dirty_log};
 use crate::vm::Vm;
 
@@ -148,18 +147,6 @@ pub(crate) fn set_manual_protect(vm: &Vm, flags: u64) -> Result<(), TrackError> 
 }
 
 impl Tracker for ClearLog {
-    fn mechanism(&self) -> Mechanism {
-        if self.initially_set {
-            Mechanism::ClearLogInitiallySet
-        } else {
-            Mechanism::ClearLog
-        }
-    }
-
-    fn label(&self) -> String {
-        format!("{}/{}", self.mechanism().name(), self.granularity.name())
-    }
-
     fn attach(&mut self, vm: &mut Vm, slots: &[u32]) -> Result<(), TrackError> {
         let flags = MANUAL_PROTECT_ENABLE | if self.initially_set { INITIALLY_SET } else { 0 };
         set_manual_protect(vm, flags)?;

@@ -4,7 +4,6 @@
 //! the same call, so collect and rearm are one step; the copy comes after it.
 
 use super::{Allowance, KernelTime, PageSet, RearmKind, TrackCtx, TrackError, Tracker};
-use crate::support::Mechanism;
 use crate::sys::dirty::{bitmap_words, get_dirty_log};
 use crate::vm::Vm;
 
@@ -17,14 +16,6 @@ pub struct DirtyLog {
 }
 
 impl Tracker for DirtyLog {
-    fn mechanism(&self) -> Mechanism {
-        Mechanism::DirtyLog
-    }
-
-    fn label(&self) -> String {
-        "dirty-log".into()
-    }
-
     fn attach(&mut self, vm: &mut Vm, slots: &[u32]) -> Result<(), TrackError> {
         self.slots.clear();
         for &slot in slots {

@@ -10,7 +10,6 @@
 //! exits and emulated writes add duplicates); the page set de-duplicates them.
 
 use super::{Allowance, KernelTime, PageSet, RearmKind, TrackCtx, TrackError, Tracker};
-use crate::support::Mechanism;
 use crate::sys::dirty::reset_dirty_rings;
 use crate::vm::Vm;
 
@@ -19,21 +18,13 @@ use crate::vm::Vm;
 #[derive(Debug, Default)]
 pub struct DirtyRingTracker {
     slots: Vec<u32>,
-    /// Entries naming a slot this tracker does not track, or address space 1 (SMM): counted,
-    /// never silently dropped.
-    pub foreign_entries: u64,
+    /// Entries naming a slot this tracker does not track, or address space 1 (SMM): counted
+    /// and named in the evidence, never silently dropped.
+    foreign_entries: u64,
     time: KernelTime,
 }
 
 impl Tracker for DirtyRingTracker {
-    fn mechanism(&self) -> Mechanism {
-        Mechanism::DirtyRing
-    }
-
-    fn label(&self) -> String {
-        "dirty-ring".into()
-    }
-
     fn attach(&mut self, vm: &mut Vm, slots: &[u32]) -> Result<(), TrackError> {
         self.slots = slots.to_vec();
         for &slot in slots {
@@ -82,6 +73,16 @@ impl Tracker for DirtyRingTracker {
 
     fn allowances(&self) -> &'static [Allowance] {
         &[Allowance::WrittenBeforeCopy]
+    }
+
+    fn evidence(&self) -> Vec<String> {
+        if self.foreign_entries == 0 {
+            return Vec::new();
+        }
+        vec![format!(
+            "{} dirty ring entries named a slot not tracked or address space 1",
+            self.foreign_entries
+        )]
     }
 
     fn take_kernel_time(&mut self) -> KernelTime {

@@ -16,7 +16,6 @@
 use serde::{Deserialize, Serialize};
 
 use super::{Allowance, KernelTime, PageSet, RearmKind, Step, TrackCtx, TrackError, Tracker};
-use crate::support::Mechanism;
 use crate::vm::Vm;
 
 /// A deliberate loss.
@@ -121,14 +120,6 @@ impl Injected {
 }
 
 impl Tracker for Injected {
-    fn mechanism(&self) -> Mechanism {
-        self.inner.mechanism()
-    }
-
-    fn label(&self) -> String {
-        format!("{}+inject:{}", self.inner.label(), self.fault.name())
-    }
-
     fn attach(&mut self, vm: &mut Vm, slots: &[u32]) -> Result<(), TrackError> {
         self.inner.attach(vm, slots)
     }
@@ -189,6 +180,10 @@ impl Tracker for Injected {
 
     fn reports_huge_units(&self) -> bool {
         self.inner.reports_huge_units()
+    }
+
+    fn evidence(&self) -> Vec<String> {
+        self.inner.evidence()
     }
 
     fn take_kernel_time(&mut self) -> KernelTime {

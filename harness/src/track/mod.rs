@@ -14,7 +14,7 @@ mod dirty_log;
 mod dirty_ring;
 pub mod inject;
 mod pageset;
-mod uffd;
+pub(crate) mod uffd;
 
 pub use clear_log::{ClearGranularity, ClearLog};
 pub use dirty_log::DirtyLog;
@@ -161,6 +161,9 @@ pub enum TrackError {
     /// The machine lacks what the tracker needs (e.g. no dirty ring configured).
     #[error("{0}")]
     Setup(String),
+    /// The host kernel lacks a feature the tracker needs: a reason to skip, not an error.
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 impl TrackError {
@@ -177,12 +180,6 @@ impl TrackError {
 
 /// A tracking mechanism driven from the host.
 pub trait Tracker: Send + std::fmt::Debug {
-    /// The mechanism.
-    fn mechanism(&self) -> Mechanism;
-
-    /// Mechanism plus parameters, e.g. `clear-log/chunk64`, `dirty-ring/4k`.
-    fn label(&self) -> String;
-
     /// Start tracking `slots` (the machine's vCPUs are stopped). After attach every page counts
     /// as clean except where an allowance says otherwise (INITIALLY_SET).
     fn attach(&mut self, vm: &mut Vm, slots: &[u32]) -> Result<(), TrackError>;
@@ -231,6 +228,12 @@ pub trait Tracker: Send + std::fmt::Debug {
     /// True when the mechanism reports huge pages as a unit on huge-page backings.
     fn reports_huge_units(&self) -> bool {
         false
+    }
+
+    /// What the mechanism saw besides the pages it reported (entries it could not place,
+    /// faults it resolved), for a trial's evidence.
+    fn evidence(&self) -> Vec<String> {
+        Vec::new()
     }
 
     /// Kernel time since the last call, reset to zero.
@@ -366,9 +369,13 @@ impl TrackerSpec {
     }
 }
 
-/// Page-size of the tracked memory in a slot, for the HugeGranularity allowance.
+/// The unit, in 4 KiB pages, in which `tracker` reports `slot` (the HugeGranularity
+/// allowance): the backing's page size where the mechanism reports huge pages whole, else 1.
 #[must_use]
-pub fn huge_unit_pages(vm: &Vm, slot: u32) -> u64 {
+pub fn huge_unit_pages(tracker: &dyn Tracker, vm: &Vm, slot: u32) -> u64 {
+    if !tracker.reports_huge_units() {
+        return 1;
+    }
     vm.slot(slot)
         .map_or(1, |s| s.memory.backing().page_bytes() / 4096)
 }

@@ -25,7 +25,6 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{Allowance, KernelTime, PageSet, RearmKind, TrackCtx, TrackError, Tracker};
 use crate::memory::Backing;
-use crate::support::Mechanism;
 use crate::sys::pagemap::PagemapScanner;
 use crate::sys::uffd;
 use crate::vm::Vm;
@@ -67,7 +66,7 @@ fn setup(vm: &Vm, slots: &[u32], features: u64) -> Result<(File, Vec<Range>), Tr
     let api = uffd::api(&fd, features).map_err(host("UFFDIO_API"))?;
     if api.features & features != features {
         let missing = uffd::feature_names(features & !api.features);
-        return Err(TrackError::Setup(format!(
+        return Err(TrackError::Unsupported(format!(
             "userfaultfd lacks {}",
             missing.join(", ")
         )));
@@ -98,10 +97,13 @@ fn teardown(fd: &File, ranges: &[Range]) -> Result<(), TrackError> {
     Ok(())
 }
 
-/// Features every uffd tracker asks for: write-protect, on shmem/hugetlb too, unpopulated pages
+/// Features uffd-wp-sync asks for: write-protect, on shmem/hugetlb too, unpopulated pages
 /// included (so pages never touched before tracking are protected as well).
-const BASE_FEATURES: u64 =
+pub const SYNC_FEATURES: u64 =
     uffd::FEATURE_WP | uffd::FEATURE_WP_HUGETLBFS_SHMEM | uffd::FEATURE_WP_UNPOPULATED;
+
+/// Features uffd-wp-async asks for: those of the sync tracker plus `WP_ASYNC`.
+pub const ASYNC_FEATURES: u64 = SYNC_FEATURES | uffd::FEATURE_WP_ASYNC;
 
 /// userfaultfd async write-protect collected with PAGEMAP_SCAN.
 #[derive(Debug, Default)]
@@ -113,16 +115,8 @@ pub struct UffdWpAsync {
 }
 
 impl Tracker for UffdWpAsync {
-    fn mechanism(&self) -> Mechanism {
-        Mechanism::UffdWpAsync
-    }
-
-    fn label(&self) -> String {
-        "uffd-wp-async".into()
-    }
-
     fn attach(&mut self, vm: &mut Vm, slots: &[u32]) -> Result<(), TrackError> {
-        let (fd, ranges) = setup(vm, slots, BASE_FEATURES | uffd::FEATURE_WP_ASYNC)?;
+        let (fd, ranges) = setup(vm, slots, ASYNC_FEATURES)?;
         self.scanner = Some(PagemapScanner::open(4096).map_err(host("open /proc/self/pagemap"))?);
         self.fd = Some(fd);
         self.ranges = ranges;
@@ -205,14 +199,6 @@ pub struct UffdWpSync {
     time: KernelTime,
 }
 
-impl UffdWpSync {
-    /// Write faults the handler resolved so far.
-    #[must_use]
-    pub fn faults(&self) -> u64 {
-        self.shared.faults.load(Ordering::Relaxed)
-    }
-}
-
 /// The handler: wait for faults or the stop event; record each faulting page (its whole
 /// protection unit) and un-protect it, which wakes the faulting vCPU.
 fn handle_faults(
@@ -292,16 +278,8 @@ fn handle_faults(
 }
 
 impl Tracker for UffdWpSync {
-    fn mechanism(&self) -> Mechanism {
-        Mechanism::UffdWpSync
-    }
-
-    fn label(&self) -> String {
-        "uffd-wp-sync".into()
-    }
-
     fn attach(&mut self, vm: &mut Vm, slots: &[u32]) -> Result<(), TrackError> {
-        let (fd, ranges) = setup(vm, slots, BASE_FEATURES)?;
+        let (fd, ranges) = setup(vm, slots, SYNC_FEATURES)?;
         let fd = Arc::new(fd);
         let ranges = Arc::new(ranges);
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| host("eventfd")(e))?;
@@ -309,9 +287,13 @@ impl Tracker for UffdWpSync {
         let shared = Arc::new(Shared::default());
         let (t_fd, t_ranges, t_shared) =
             (Arc::clone(&fd), Arc::clone(&ranges), Arc::clone(&shared));
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("uffd-wp-handler".into())
             .spawn(move || {
+                let tid = crate::sys::kick::current_tid();
+                crate::vcpu::register_tid(tid);
+                let _ = tid_tx.send(tid);
                 if let Err(e) = handle_faults(&t_fd, &stop_thread, &t_ranges, &t_shared)
                     && let Ok(mut failed) = t_shared.failed.lock()
                 {
@@ -319,6 +301,10 @@ impl Tracker for UffdWpSync {
                 }
             })
             .map_err(host("spawn uffd handler"))?;
+        // The handler's kernel log lines (it resolves the faults) belong to this trial.
+        if let Ok(tid) = tid_rx.recv() {
+            crate::vcpu::note_tids([tid]);
+        }
         self.fd = Some(fd);
         self.ranges = ranges;
         self.shared = shared;
@@ -345,8 +331,9 @@ impl Tracker for UffdWpSync {
             .fd
             .as_ref()
             .ok_or_else(|| TrackError::Setup("uffd-wp-sync is not attached".into()))?;
+        // Re-protect runs of collected units with one call each; every call is kernel time.
+        let mut calls: Vec<(u64, u64)> = Vec::new();
         for r in self.ranges.iter() {
-            // Re-protect runs of collected units with one call each.
             let units = r.unit / 4096;
             let mut run: Option<(u64, u64)> = None;
             let mut unit = 0;
@@ -356,13 +343,7 @@ impl Tracker for UffdWpSync {
                     (true, None) => run = Some((unit, unit + 1)),
                     (true, Some((s, _))) => run = Some((s, unit + 1)),
                     (false, Some((s, e))) => {
-                        uffd::writeprotect(
-                            fd.as_ref(),
-                            r.start + s * r.unit,
-                            (e - s) * r.unit,
-                            true,
-                        )
-                        .map_err(host("UFFDIO_WRITEPROTECT"))?;
+                        calls.push((r.start + s * r.unit, (e - s) * r.unit));
                         run = None;
                     }
                     (false, None) => {}
@@ -370,17 +351,13 @@ impl Tracker for UffdWpSync {
                 unit += 1;
             }
             if let Some((s, e)) = run {
-                self.time
-                    .rearm(|| {
-                        uffd::writeprotect(
-                            fd.as_ref(),
-                            r.start + s * r.unit,
-                            (e - s) * r.unit,
-                            true,
-                        )
-                    })
-                    .map_err(host("UFFDIO_WRITEPROTECT"))?;
+                calls.push((r.start + s * r.unit, (e - s) * r.unit));
             }
+        }
+        for (start, len) in calls {
+            self.time
+                .rearm(|| uffd::writeprotect(fd.as_ref(), start, len, true))
+                .map_err(host("UFFDIO_WRITEPROTECT"))?;
         }
         Ok(())
     }
@@ -405,6 +382,13 @@ impl Tracker for UffdWpSync {
 
     fn allowances(&self) -> &'static [Allowance] {
         &[Allowance::HugeGranularity, Allowance::WrittenBeforeCopy]
+    }
+
+    fn evidence(&self) -> Vec<String> {
+        vec![format!(
+            "{} write-protect faults resolved by the handler thread",
+            self.shared.faults.load(Ordering::Relaxed)
+        )]
     }
 
     fn reports_huge_units(&self) -> bool {

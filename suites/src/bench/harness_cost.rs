@@ -8,10 +8,10 @@ use serde::{Deserialize, Serialize};
 use trackcheck_guests::{Op, Program, Thread};
 use trackcheck_harness::ExecutionMode;
 use trackcheck_harness::machine::{Machine, MachineConfig};
-use trackcheck_harness::oracle::{CollectContext, Ledger, Shadow};
-use trackcheck_harness::track::{PageSet, TrackSource, TrackerSpec};
+use trackcheck_harness::track::TrackerSpec;
 
 use super::Stat;
+use crate::scenarios::stepped::drive_loaded;
 
 /// The harness's own costs.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -58,43 +58,20 @@ pub fn harness_cost(mode: ExecutionMode, rounds: u32, cases: u32) -> Result<Harn
     let mut reuse: Vec<Duration> = Vec::new();
     let mut tracker = TrackerSpec::DirtyLog.build();
     let start = Instant::now();
-    let mut out = PageSet::new();
     for i in 0..cases {
         let program = sixteen_pages(u64::from(i)).with_seq_base(u64::from(i) * 100);
         let t = Instant::now();
         m.load(&program).map_err(|e| e.to_string())?;
         m.reset().map_err(|e| e.to_string())?;
         reuse.push(t.elapsed());
-        m.attach(tracker.as_mut()).map_err(|e| e.to_string())?;
-        let mut ledger = Ledger::new(&program, m.data_layout(), tracker.allowances());
-        let mut shadow = Shadow::new(m.data_layout(), m.data());
-        while m
-            .states()
-            .iter()
-            .any(|s| matches!(s, trackcheck_harness::machine::VcpuState::Ready(_)))
-        {
-            m.run().map_err(|e| e.to_string())?;
-            let data = m.data();
-            ledger.observe(&[m.progress(0), m.progress(1)], |page, offset| {
-                data.read_u64(page * 4096 + u64::from(offset))
-            })?;
-            out.clear();
-            tracker
-                .collect(&m.track_ctx(), &mut out)
-                .map_err(|e| e.to_string())?;
-            ledger.collected(
-                &out,
-                CollectContext {
-                    everything: false,
-                    huge_unit_pages: 1,
-                },
-            );
-            tracker.rearm(&m.track_ctx()).map_err(|e| e.to_string())?;
-            shadow.copy(m.data(), &out);
-            ledger.copied(&out);
-        }
-        if !ledger.report().lost.is_empty() || !shadow.compare(m.data()).is_empty() {
-            return Err(format!("case {i} lost pages: {:?}", ledger.report().lost));
+        // The stepped scenario's own loop: attach, segments and harvests with the oracle.
+        let run = drive_loaded(&mut m, &program, tracker.as_mut(), false)
+            .map_err(|e| format!("case {i}: {e:?}"))?;
+        if !run.findings.report.lost.is_empty() {
+            return Err(format!(
+                "case {i} lost pages: {:?}",
+                run.findings.report.lost
+            ));
         }
         m.detach(tracker.as_mut()).map_err(|e| e.to_string())?;
     }

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use trackcheck_guests::program::shuffle;
 use trackcheck_guests::{Access, Op, PageSeq, Program, Repeat, Thread};
 use trackcheck_harness::machine::{Machine, MachineConfig, VcpuState};
-use trackcheck_harness::track::{PageSet, TrackSource, Tracker, TrackerSpec};
+use trackcheck_harness::track::{PageSet, Step, TrackError, Tracker, TrackerSpec, harvest};
 use trackcheck_harness::vcpu::RunLimits;
 use trackcheck_harness::{Backing, ExecutionMode, HostProfile, Stop};
 
@@ -205,6 +205,29 @@ fn program(config: &BenchConfig, pages: u64) -> Program {
     Program::new(pages, threads)
 }
 
+/// One harvest in the tracker's own step order (`track::harvest`; the bench copies nothing),
+/// timing its collect and its rearm.
+fn timed_harvest(
+    tracker: &mut dyn Tracker,
+    m: &mut Machine,
+    out: &mut PageSet,
+) -> Result<(Duration, Duration), String> {
+    let (mut collect, mut rearm) = (Duration::ZERO, Duration::ZERO);
+    let mut since = Instant::now();
+    harvest(tracker, m, out, |step, _, _| -> Result<(), TrackError> {
+        let now = Instant::now();
+        match step {
+            Step::Collect => collect += now - since,
+            Step::Rearm => rearm += now - since,
+            Step::Copy => {}
+        }
+        since = now;
+        Ok(())
+    })
+    .map_err(|e| e.to_string())?;
+    Ok((collect, rearm))
+}
+
 /// Run every vCPU through its next pass; with a full dirty ring, collect and rearm (untimed
 /// separately: it is part of the pass, as the kernel test's collector thread is) and go on.
 fn pass(
@@ -235,9 +258,7 @@ fn pass(
                 .as_deref_mut()
                 .ok_or("ring full without a tracker")?;
             scratch.clear();
-            t.collect(&m.track_ctx(), &mut scratch)
-                .map_err(|e| e.to_string())?;
-            t.rearm(&m.track_ctx()).map_err(|e| e.to_string())?;
+            timed_harvest(t, m, &mut scratch)?;
             stalls += 1;
             if stalls > 100_000 {
                 return Err("vCPUs stuck on KVM_EXIT_DIRTY_RING_FULL".into());
@@ -299,10 +320,7 @@ fn measure(spec: TrackerSpec, config: &BenchConfig, result: &mut MechResult) -> 
     let enable = t0.elapsed();
     let mut out = PageSet::new();
     // Settle the initial state (INITIALLY_SET reports everything) outside the timed phases.
-    tracker
-        .collect(&m.track_ctx(), &mut out)
-        .map_err(|e| e.to_string())?;
-    tracker.rearm(&m.track_ctx()).map_err(|e| e.to_string())?;
+    timed_harvest(tracker.as_mut(), &mut m, &mut out)?;
     let _ = tracker.take_kernel_time();
     let (mut dirty, mut harvest, mut harvest_k, mut rearm, mut rearm_k, mut reported) = (
         Vec::new(),
@@ -317,14 +335,9 @@ fn measure(spec: TrackerSpec, config: &BenchConfig, result: &mut MechResult) -> 
         dirty.push(pass(&mut m, 3 + i, Some(tracker.as_mut()), &mut ring_full)?);
         let _ = tracker.take_kernel_time();
         out.clear();
-        let t = Instant::now();
-        tracker
-            .collect(&m.track_ctx(), &mut out)
-            .map_err(|e| e.to_string())?;
-        harvest.push(t.elapsed());
-        let t = Instant::now();
-        tracker.rearm(&m.track_ctx()).map_err(|e| e.to_string())?;
-        rearm.push(t.elapsed());
+        let (collect_time, rearm_time) = timed_harvest(tracker.as_mut(), &mut m, &mut out)?;
+        harvest.push(collect_time);
+        rearm.push(rearm_time);
         let k = tracker.take_kernel_time();
         harvest_k.push(k.collect);
         rearm_k.push(k.rearm);

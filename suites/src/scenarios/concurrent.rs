@@ -6,8 +6,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use trackcheck_guests::Event;
-use trackcheck_guests::sim::ThreadEvents;
+use trackcheck_guests::sim::{ThreadEvents, writes_through};
 use trackcheck_harness::Stop;
 use trackcheck_harness::machine::{Machine, RunView, VcpuState};
 use trackcheck_harness::oracle::{LostPage, Shadow, attribute_round};
@@ -212,7 +211,9 @@ fn drive(
     };
     let rounds = u32::try_from(snapshots.len()).unwrap_or(u32::MAX);
     for mm in shadow.compare(m.data()) {
-        let round = attribute_round(&snapshots[..snapshots.len() - 1], mm.vcpu(), mm.seq());
+        // Round 1 is the baseline harvest before the guest ran; the snapshots start at round 2.
+        let round = attribute_round(&snapshots[..snapshots.len() - 1], mm.vcpu(), mm.seq())
+            .saturating_add(1);
         findings.report.add_lost(LostPage::at(
             &layout,
             mm.data_page,
@@ -224,16 +225,14 @@ fn drive(
     // Written: distinct pages the guest wrote, from the interpreter up to each vCPU's progress.
     let mut written = BTreeSet::new();
     for (v, thread) in program.vcpus.iter().enumerate() {
-        let target = m.progress(v);
-        for e in ThreadEvents::with_seq_base(thread, program.seq_base) {
-            match e {
-                Event::Write { page, seq, .. } if seq <= target => {
-                    written.insert(page);
-                }
-                Event::Write { .. } | Event::Done { .. } | Event::Misbehave(_) => break,
-                _ => {}
-            }
-        }
+        let progress = m.progress(v);
+        let mut events = ThreadEvents::with_seq_base(thread, program.seq_base);
+        let writes = writes_through(&mut events, progress).map_err(|had| {
+            TrialError::Error(format!(
+                "vCPU {v} published progress {progress}, but its program has only {had} writes"
+            ))
+        })?;
+        written.extend(writes.into_iter().map(|(page, _, _)| page));
     }
     findings.report.written = written.len() as u64;
     findings.report.reported = reported;
@@ -253,6 +252,7 @@ fn drive(
             m.ring_full_exits()
         ));
     }
+    findings.evidence.extend(tracker.evidence());
     check_mode(&evidence)?;
     findings.mode = Some(evidence);
     Ok(findings)

@@ -5,7 +5,7 @@ mod concurrent;
 mod crosscheck;
 mod geometry;
 mod property;
-mod stepped;
+pub(crate) mod stepped;
 
 pub use property::{cases, set_cases};
 
@@ -14,8 +14,8 @@ use std::time::Duration;
 use trackcheck_harness::HostProfile;
 use trackcheck_harness::machine::{Machine, MachineConfig, MachineError};
 use trackcheck_harness::oracle::OracleReport;
-use trackcheck_harness::track::inject::{Injected, applicability};
-use trackcheck_harness::track::{PageSet, TrackError, Tracker};
+use trackcheck_harness::track::inject::{Fault, Injected, applicability};
+use trackcheck_harness::track::{PageSet, RearmKind, TrackError, Tracker};
 use trackcheck_harness::vcpu::RunLimits;
 use trackcheck_harness::{ModeEvidence, ObservedMode, support};
 
@@ -45,6 +45,15 @@ impl From<MachineError> for TrialError {
 
 impl From<TrackError> for TrialError {
     fn from(e: TrackError) -> Self {
+        match e {
+            TrackError::Unsupported(why) => Self::Skip(why),
+            e => Self::Error(e.to_string()),
+        }
+    }
+}
+
+impl From<trackcheck_harness::vm::VmError> for TrialError {
+    fn from(e: trackcheck_harness::vm::VmError) -> Self {
         Self::Error(e.to_string())
     }
 }
@@ -73,6 +82,23 @@ pub struct Findings {
     pub mode: Option<ModeEvidence>,
 }
 
+/// Whether `fault` deterministically loses a write in the trial `spec` on a mechanism whose
+/// rearm is `kind` (the scenario's and the mechanism's conditions); the skip reason if not.
+pub fn inject_applicability(spec: &TrialSpec, fault: Fault, kind: RearmKind) -> Result<(), String> {
+    spec.scenario.loses_under(fault).map_err(|why| {
+        format!(
+            "{fault} cannot lose writes in {}: {why}",
+            spec.scenario.name()
+        )
+    })?;
+    applicability(fault, kind).map_err(|why| {
+        format!(
+            "{fault} cannot lose writes on {}: {why}",
+            spec.tracker.label()
+        )
+    })
+}
+
 /// The tracker of a trial, with its injected fault if any.
 #[derive(Debug)]
 pub enum TrialTracker {
@@ -90,12 +116,7 @@ impl TrialTracker {
         match spec.inject {
             None => Ok(Self::Plain(inner)),
             Some(fault) => {
-                applicability(fault, inner.rearm_kind()).map_err(|why| {
-                    TrialError::Skip(format!(
-                        "{fault} cannot lose writes on {}: {why}",
-                        spec.tracker.label()
-                    ))
-                })?;
+                inject_applicability(spec, fault, inner.rearm_kind()).map_err(TrialError::Skip)?;
                 Ok(Self::Injected(Injected::new(inner, fault)))
             }
         }

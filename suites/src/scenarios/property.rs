@@ -10,12 +10,14 @@ use proptest::test_runner::{
     Config, FileFailurePersistence, RngAlgorithm, TestCaseError, TestError, TestRng, TestRunner,
 };
 use proptest_state_machine::{ReferenceStateMachine, StateMachineTest};
-use trackcheck_guests::sim::{ThreadEvents, landed_ahead};
-use trackcheck_guests::{Event, Op, Program, Thread};
+use trackcheck_guests::sim::{ThreadEvents, landed_ahead, writes_through};
+use trackcheck_guests::{Op, Program, Thread};
 use trackcheck_harness::Stop;
 use trackcheck_harness::machine::{DATA_SLOT, Machine, VcpuState};
 use trackcheck_harness::oracle::{CollectContext, Ledger, LostPage, OracleReport, Shadow};
-use trackcheck_harness::track::{PageSet, TrackSource, Tracker, TrackerSpec};
+use trackcheck_harness::track::{
+    PageSet, Step, TrackError, TrackSource, Tracker, TrackerSpec, harvest, huge_unit_pages,
+};
 
 use super::{Findings, TrialError, TrialTracker};
 use crate::model::{INITIAL, Model, ModelState, Phase, Transition};
@@ -200,6 +202,8 @@ thread_local! {
     static FAILURE: RefCell<Option<Failure>> = const { RefCell::new(None) };
     /// Counts of the passing cases.
     static TOTALS: RefCell<Option<OracleReport>> = const { RefCell::new(None) };
+    /// The first error of the harness itself (not a kernel finding) a case met.
+    static HARNESS: RefCell<Option<TrialError>> = const { RefCell::new(None) };
 }
 
 /// Interleavings from the reference model, applied to a real machine and tracker.
@@ -224,6 +228,7 @@ pub(super) fn interleavings(spec: &TrialSpec, seed: u64) -> Result<Findings, Tri
     INITIAL.with(|s| *s.borrow_mut() = Some(initial));
     SUT_SPEC.with(|s| *s.borrow_mut() = Some(*spec));
     FAILURE.with(|f| *f.borrow_mut() = None);
+    HARNESS.with(|h| *h.borrow_mut() = None);
     TOTALS.with(|t| *t.borrow_mut() = Some(OracleReport::default()));
     let mut runner = runner(spec, seed);
     let config = runner.config().clone();
@@ -235,10 +240,11 @@ pub(super) fn interleavings(spec: &TrialSpec, seed: u64) -> Result<Findings, Tri
         },
     );
     let failure = FAILURE.with(|f| f.borrow_mut().take());
+    let harness = HARNESS.with(|h| h.borrow_mut().take());
     let totals = TOTALS.with(|t| t.borrow_mut().take()).unwrap_or_default();
     POOL.with(|p| *p.borrow_mut() = None);
     INITIAL.with(|s| *s.borrow_mut() = None);
-    let mut findings = conclude(result, failure, None, "interleavings", seed)?;
+    let mut findings = conclude(result, failure, harness, "interleavings", seed)?;
     merge_counts(&mut findings, &totals);
     Ok(findings)
 }
@@ -269,8 +275,15 @@ fn fail(lost: Vec<LostPage>, hazards: Vec<String>, what: &str) -> ! {
     panic!("{what}: {first}")
 }
 
-fn sut_error(what: impl std::fmt::Display) -> ! {
-    panic!("harness error: {what}")
+/// The harness (not the kernel) failed: the trial ends as an error, or a skip where the host
+/// lacks a feature, never as a finding.
+fn sut_error(e: impl Into<TrialError>) -> ! {
+    let e = e.into();
+    let text = format!("harness error: {e:?}");
+    HARNESS.with(|h| {
+        h.borrow_mut().get_or_insert(e);
+    });
+    panic!("{text}")
 }
 
 impl Sut {
@@ -281,25 +294,19 @@ impl Sut {
         }
     }
 
-    /// Collect into `out` and check containment; panics naming newly lost pages.
-    fn collect_into(&mut self, into_collected: bool) {
+    /// The model's collect: into `collected`, checking containment; panics naming newly lost
+    /// pages.
+    fn collect(&mut self) {
         let ctx = self.ctx();
         let before = self.ledger.report().lost.len();
-        let out = if into_collected {
-            &mut self.collected
-        } else {
-            &mut self.scratch
-        };
-        out.clear();
-        if let Err(e) = self.tracker.collect(&self.machine.track_ctx(), out) {
+        self.collected.clear();
+        if let Err(e) = self
+            .tracker
+            .collect(&self.machine.track_ctx(), &mut self.collected)
+        {
             sut_error(e);
         }
-        let out = if into_collected {
-            &self.collected
-        } else {
-            &self.scratch
-        };
-        self.ledger.collected(out, ctx);
+        self.ledger.collected(&self.collected, ctx);
         self.everything_next = false;
         let lost = self.ledger.report().lost[before..].to_vec();
         if !lost.is_empty() {
@@ -307,25 +314,44 @@ impl Sut {
         }
     }
 
-    fn copy(&mut self, from_collected: bool) {
-        let set = if from_collected {
-            &self.collected
-        } else {
-            &self.scratch
-        };
-        self.shadow.copy(self.machine.data(), set);
-        self.ledger.copied(set);
+    /// The model's copy of what its collect reported.
+    fn copy(&mut self) {
+        self.shadow.copy(self.machine.data(), &self.collected);
+        self.ledger.copied(&self.collected);
     }
 
     /// A full harvest outside the model's steps (a dirty ring filled up mid-segment: the
     /// contract demands collect and reset before the vCPU can go on).
     fn forced_harvest(&mut self) {
         self.ledger.advance();
-        self.collect_into(false);
-        if let Err(e) = self.tracker.rearm(&self.machine.track_ctx()) {
+        let ctx = self.ctx();
+        let before = self.ledger.report().lost.len();
+        self.scratch.clear();
+        let (ledger, shadow) = (&mut self.ledger, &mut self.shadow);
+        let steps = harvest(
+            self.tracker.as_mut(),
+            &mut self.machine,
+            &mut self.scratch,
+            |step, m, out| -> Result<(), TrackError> {
+                match step {
+                    Step::Collect => ledger.collected(out, ctx),
+                    Step::Copy => {
+                        shadow.copy(m.data(), out);
+                        ledger.copied(out);
+                    }
+                    Step::Rearm => {}
+                }
+                Ok(())
+            },
+        );
+        if let Err(e) = steps {
             sut_error(e);
         }
-        self.copy(false);
+        self.everything_next = false;
+        let lost = self.ledger.report().lost[before..].to_vec();
+        if !lost.is_empty() {
+            fail(lost, Vec::new(), "not reported");
+        }
     }
 
     fn write(&mut self, writes: &[(u8, u64, u16)]) {
@@ -361,7 +387,10 @@ impl Sut {
                     self.forced_harvest();
                 }
                 Ok(_) => {}
-                Err(e) => fail(Vec::new(), vec![e.to_string()], "hazard"),
+                Err(e) => match TrialError::from(e) {
+                    TrialError::Hazard(h) => fail(Vec::new(), vec![h], "hazard"),
+                    e => sut_error(e),
+                },
             }
         }
         self.record(&program);
@@ -377,18 +406,15 @@ impl Sut {
         for (v, thread) in program.vcpus.iter().enumerate() {
             let progress = self.machine.progress(v);
             let mut events = ThreadEvents::with_seq_base(thread, program.seq_base);
-            let mut writes = Vec::new();
-            loop {
-                let mut look = events.clone();
-                match look.next() {
-                    Some(Event::Write { page, seq, .. }) if seq <= progress => {
-                        writes.push((page, seq))
-                    }
-                    Some(Event::Read { .. } | Event::Sync(_)) => {}
-                    _ => break,
-                }
-                events = look;
-            }
+            let mut writes: Vec<(u64, u64)> = writes_through(&mut events, progress)
+                .unwrap_or_else(|had| {
+                    sut_error(format!(
+                        "vCPU {v} published progress {progress}, but its program has only {had} writes"
+                    ))
+                })
+                .into_iter()
+                .map(|(page, _, seq)| (page, seq))
+                .collect();
             // A write whose data store landed before its progress store (see landed_ahead).
             if let Some((page, _, seq)) = landed_ahead(&events, v, word) {
                 writes.push((page, seq));
@@ -411,12 +437,12 @@ impl StateMachineTest for Sut {
     fn init_test(_ref_state: &ModelState) -> Self {
         let spec = SUT_SPEC
             .with(|s| *s.borrow())
-            .unwrap_or_else(|| sut_error("no trial set"));
+            .unwrap_or_else(|| sut_error("no trial set".to_string()));
         let pooled = POOL.with(|p| p.borrow_mut().take());
         let mut machine = match pooled {
             Some(m) => m,
             None => super::machine_with(&spec, PAGES, VCPUS, spec.tracker.ring_bytes())
-                .unwrap_or_else(|e| sut_error(format!("{e:?}"))),
+                .unwrap_or_else(|e| sut_error(e)),
         };
         if let Err(e) = machine.reset() {
             sut_error(e);
@@ -426,11 +452,7 @@ impl StateMachineTest for Sut {
             sut_error(e);
         }
         let layout = machine.data_layout();
-        let huge = if tracker.reports_huge_units() {
-            spec.backing.page_bytes() / 4096
-        } else {
-            1
-        };
+        let huge = huge_unit_pages(tracker.as_ref(), machine.vm(), DATA_SLOT);
         Self {
             ledger: Ledger::without_program(layout.clone(), tracker.allowances()),
             shadow: Shadow::new(layout, machine.data()),
@@ -458,7 +480,7 @@ impl StateMachineTest for Sut {
             Transition::Write(writes) => sut.write(&writes),
             Transition::Collect => {
                 sut.ledger.advance();
-                sut.collect_into(true);
+                sut.collect();
             }
             Transition::Rearm { first, count } => {
                 if let Err(e) = sut.tracker.rearm_part(
@@ -470,7 +492,7 @@ impl StateMachineTest for Sut {
                     sut_error(e);
                 }
             }
-            Transition::Copy => sut.copy(true),
+            Transition::Copy => sut.copy(),
             Transition::LogOff => {
                 if let Err(e) = sut.machine.vm_mut().set_dirty_logging(DATA_SLOT, false) {
                     sut_error(e);
@@ -493,7 +515,7 @@ impl StateMachineTest for Sut {
             if let Err(e) = sut.tracker.rearm(&sut.machine.track_ctx()) {
                 sut_error(e);
             }
-            sut.copy(true);
+            sut.copy();
         }
         sut.forced_harvest();
         let layout = sut.machine.data_layout();

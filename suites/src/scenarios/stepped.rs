@@ -4,10 +4,10 @@
 
 use trackcheck_guests::Program;
 use trackcheck_harness::Stop;
-use trackcheck_harness::machine::{Machine, VcpuState};
+use trackcheck_harness::machine::{DATA_SLOT, Machine, VcpuState};
 use trackcheck_harness::oracle::Ledger;
 use trackcheck_harness::oracle::{CollectContext, ExtraRecord, LostPage, Shadow};
-use trackcheck_harness::track::{PageSet, Step, Tracker, harvest};
+use trackcheck_harness::track::{PageSet, Step, Tracker, harvest, huge_unit_pages};
 
 use super::{Findings, TrialError, TrialTracker, check_mode};
 use crate::programs;
@@ -35,7 +35,7 @@ pub(super) fn run(
 
 /// What a stepped run produced.
 #[derive(Debug, Default)]
-pub(super) struct SteppedRun {
+pub(crate) struct SteppedRun {
     /// The findings.
     pub findings: Findings,
     /// Each collect's reported set, in order.
@@ -147,14 +147,20 @@ pub(super) fn drive(
     race: bool,
 ) -> Result<SteppedRun, TrialError> {
     m.load(program)?;
+    drive_loaded(m, program, tracker, race)
+}
+
+/// [`drive`] on a machine `program` is already loaded into.
+pub(crate) fn drive_loaded(
+    m: &mut Machine,
+    program: &Program,
+    tracker: &mut dyn Tracker,
+    race: bool,
+) -> Result<SteppedRun, TrialError> {
     let before = m.vcpu_stats();
     m.attach(tracker)?;
     let layout = m.data_layout();
-    let huge = if tracker.reports_huge_units() {
-        m.config().backing.page_bytes() / 4096
-    } else {
-        1
-    };
+    let huge = huge_unit_pages(tracker, m.vm(), DATA_SLOT);
     let mut ledger = Ledger::new(program, layout.clone(), tracker.allowances());
     ledger.record_extras();
     let mut st = Stepper {
@@ -206,6 +212,7 @@ pub(super) fn drive(
             st.ledger.unexplained_examples
         ));
     }
+    findings.evidence.extend(tracker.evidence());
     check_mode(&evidence)?;
     findings.mode = Some(evidence);
     findings.report = st.ledger.report().clone();
