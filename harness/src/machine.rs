@@ -787,6 +787,16 @@ impl Machine {
         (0..self.compiled.len()).map(|v| self.progress(v)).sum()
     }
 
+    /// Writes the loaded program made so far, all vCPUs together (progress counts from the
+    /// program's seq base).
+    #[must_use]
+    pub fn writes_done(&self) -> u64 {
+        let base = self.program.as_ref().map_or(0, |p| p.seq_base);
+        (0..self.compiled.len())
+            .map(|v| self.progress(v).saturating_sub(base))
+            .sum()
+    }
+
     /// The watchdog and livelock limits.
     #[must_use]
     pub fn limits(&self) -> RunLimits {

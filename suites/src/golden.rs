@@ -25,6 +25,8 @@ pub enum Expected {
     Pass,
     /// Skipped on this host.
     Skip,
+    /// Runs, but this host cannot exercise its path.
+    NotExercised,
     /// The harness cannot run it here.
     Error,
     /// Fails every run, one of these ways.
@@ -39,6 +41,7 @@ impl Expected {
         match self {
             Self::Pass => "pass".into(),
             Self::Skip => "skip".into(),
+            Self::NotExercised => "not-exercised".into(),
             Self::Error => "error".into(),
             Self::Fail(k) => format!("fail:{}", kinds(k)),
             Self::Intermittent(k) => format!("intermittent:{}", kinds(k)),
@@ -61,6 +64,7 @@ impl Expected {
             None => match token {
                 "pass" => Some(Self::Pass),
                 "skip" => Some(Self::Skip),
+                "not-exercised" => Some(Self::NotExercised),
                 "error" => Some(Self::Error),
                 _ => None,
             },
@@ -339,6 +343,11 @@ pub fn bless(host_key: &str, kernel: &str, runs: &[Vec<TrialResult>], previous: 
                 Expected::Skip,
                 results[0].reason.clone().unwrap_or_default(),
             )
+        } else if results.iter().all(|r| r.verdict == Verdict::NotExercised) {
+            (
+                Expected::NotExercised,
+                results[0].reason.clone().unwrap_or_default(),
+            )
         } else if results.iter().any(|r| r.verdict == Verdict::Error) {
             (
                 Expected::Error,
@@ -374,6 +383,7 @@ mod tests {
         for e in [
             Expected::Pass,
             Expected::Skip,
+            Expected::NotExercised,
             Expected::Error,
             Expected::Fail(vec![FailKind::Hazard, FailKind::Lost]),
             Expected::Intermittent(vec![FailKind::Lost]),

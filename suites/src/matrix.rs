@@ -7,7 +7,7 @@ use trackcheck_harness::track::inject::Fault;
 use trackcheck_harness::track::{ClearGranularity, TrackerSpec};
 use trackcheck_harness::{Backing, ExecutionMode};
 
-use crate::spec::{Pattern, Scenario, TrialSpec};
+use crate::spec::{HugePath, Pattern, Scenario, TrialSpec};
 
 /// Ring sizes tried: the smallest (constant ring-full exits) and 1 MiB.
 pub const RING_SIZES: [u32; 2] = [4096, 1 << 20];
@@ -47,6 +47,28 @@ fn spec(
         mode,
         inject: None,
     }
+}
+
+/// The huge-page paths (family 6) and the backings each runs on.
+fn huge_paths() -> [(HugePath, &'static [Backing]); 5] {
+    [
+        (
+            HugePath::Enable,
+            &[
+                Backing::Thp,
+                Backing::Hugetlb2M,
+                Backing::MemfdHugetlb2M,
+                Backing::Hugetlb1G,
+            ],
+        ),
+        (HugePath::Recover, &[Backing::Thp, Backing::Hugetlb2M]),
+        (
+            HugePath::Race { vcpus: 3 },
+            &[Backing::Thp, Backing::Hugetlb2M],
+        ),
+        (HugePath::GuestHugeHostSmall, &[Backing::Anon]),
+        (HugePath::GuestSmallHostHuge, &[Backing::Thp]),
+    ]
 }
 
 /// The full conformance matrix.
@@ -121,6 +143,16 @@ pub fn matrix() -> Vec<TrialSpec> {
                 Backing::Anon,
                 mode,
             ));
+            for (path, backings) in huge_paths() {
+                for &b in backings {
+                    // Emulated guests make no mappings to split: one trial says so.
+                    if mode == ExecutionMode::Native
+                        || (path == HugePath::Enable && b == Backing::Thp)
+                    {
+                        out.push(spec(tracker, Scenario::Huge { path }, b, mode));
+                    }
+                }
+            }
         }
     }
     out
@@ -133,20 +165,35 @@ pub fn selftests() -> Vec<TrialSpec> {
     let mut out = Vec::new();
     for tracker in trackers() {
         let scenarios = [
-            Scenario::Stepped,
-            Scenario::Race,
-            Scenario::Concurrent {
-                pattern: Pattern::Sequential,
-                vcpus: 2,
-            },
+            (Scenario::Stepped, Backing::Anon),
+            (Scenario::Race, Backing::Anon),
+            (
+                Scenario::Concurrent {
+                    pattern: Pattern::Sequential,
+                    vcpus: 2,
+                },
+                Backing::Anon,
+            ),
+            (
+                Scenario::Huge {
+                    path: HugePath::Enable,
+                },
+                Backing::Thp,
+            ),
+            (
+                Scenario::Huge {
+                    path: HugePath::Race { vcpus: 3 },
+                },
+                Backing::Thp,
+            ),
         ];
-        for scenario in scenarios {
+        for (scenario, backing) in scenarios {
             for fault in Fault::ALL {
                 if scenario.loses_under(fault).is_ok() {
                     out.push(TrialSpec {
                         tracker,
                         scenario,
-                        backing: Backing::Anon,
+                        backing,
                         mode: ExecutionMode::Native,
                         inject: Some(fault),
                     });

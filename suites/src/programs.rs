@@ -127,6 +127,70 @@ pub fn concurrent(seed: u64, pattern: Pattern, vcpus: usize, data_pages: u64) ->
     Program::new(data_pages, threads)
 }
 
+/// Pages in a 2 MiB region.
+pub const REGION_PAGES: u64 = 512;
+
+/// The tracked program of the huge-page scenarios over `data_pages` pages (whole 2 MiB
+/// regions), on `vcpus` vCPUs; region `r` belongs to vCPU `r % vcpus`. Round 1 writes one 4 KiB
+/// page in every region: the first page of region 0, the last of the last region, a seeded page
+/// that is neither elsewhere (the first write to a region splits KVM's huge mapping of it).
+/// Round 2 writes each round-1 page's neighbour and 16 seeded pages of the same region (pages
+/// of an already split region) and rewrites the round-1 page at another offset. Round 3 writes
+/// the round-1 pages again (a rearm must have re-protected them). Every round ends with a sync.
+#[must_use]
+pub fn huge_split(seed: u64, vcpus: usize, data_pages: u64) -> Program {
+    let regions = data_pages / REGION_PAGES;
+    let mut rng = seed ^ 0x0B16_0000;
+    let first: Vec<u64> = (0..regions)
+        .map(|r| {
+            let in_region = if r == 0 {
+                0
+            } else if r + 1 == regions {
+                REGION_PAGES - 1
+            } else {
+                1 + splitmix64(&mut rng) % (REGION_PAGES - 2)
+            };
+            r * REGION_PAGES + in_region
+        })
+        .collect();
+    let neighbour = |page: u64| {
+        let base = page / REGION_PAGES * REGION_PAGES;
+        base + (page - base + 1) % REGION_PAGES
+    };
+    let threads = (0..vcpus as u64)
+        .map(|v| {
+            let mine: Vec<u64> = first
+                .iter()
+                .copied()
+                .filter(|p| p / REGION_PAGES % vcpus as u64 == v)
+                .collect();
+            let mut ops = Vec::new();
+            ops.extend(mine.iter().map(|&page| Op::Write { page, offset: 0 }));
+            ops.push(Op::Sync(1));
+            let mut rng = seed ^ 0x0B16_0001 ^ v;
+            for &page in &mine {
+                ops.push(Op::Write {
+                    page: neighbour(page),
+                    offset: 0,
+                });
+                let base = page / REGION_PAGES * REGION_PAGES;
+                for _ in 0..16 {
+                    ops.push(Op::Write {
+                        page: base + splitmix64(&mut rng) % REGION_PAGES,
+                        offset: 24,
+                    });
+                }
+                ops.push(Op::Write { page, offset: 8 });
+            }
+            ops.push(Op::Sync(2));
+            ops.extend(mine.iter().map(|&page| Op::Write { page, offset: 16 }));
+            ops.push(Op::Sync(3));
+            Thread::new(ops)
+        })
+        .collect();
+    Program::new(data_pages, threads)
+}
+
 /// Each vCPU writes each page of its share exactly once, in order (deterministic losses for the
 /// concurrent self-test: a dropped page is never written again).
 #[must_use]
@@ -228,6 +292,8 @@ mod tests {
             write_once(3, 300),
             ring_full(3, 2, 4096, 600, 3),
             clear_geometry(262_160),
+            huge_split(4, 3, 4096),
+            huge_split(4, 1, 1024),
         ] {
             p.validate().expect("valid");
         }
@@ -243,5 +309,32 @@ mod tests {
             stepped(9, 2, 1024, 3, 10),
             "deterministic"
         );
+    }
+
+    #[test]
+    fn huge_split_writes_first_last_and_inner_pages_of_every_region() {
+        let p = huge_split(7, 2, 4096);
+        let first_round: Vec<u64> = p
+            .vcpus
+            .iter()
+            .flat_map(|t| {
+                t.ops
+                    .iter()
+                    .take_while(|op| !matches!(op, Op::Sync(_)))
+                    .filter_map(|op| match op {
+                        Op::Write { page, .. } => Some(*page),
+                        _ => None,
+                    })
+            })
+            .collect();
+        let mut regions: Vec<u64> = first_round.iter().map(|p| p / REGION_PAGES).collect();
+        regions.sort_unstable();
+        assert_eq!(regions, (0..8).collect::<Vec<_>>(), "one page per region");
+        assert!(first_round.contains(&0) && first_round.contains(&4095));
+        let inner = first_round
+            .iter()
+            .filter(|p| !matches!(*p % REGION_PAGES, 0 | 511))
+            .count();
+        assert_eq!(inner, 6, "the others are neither first nor last");
     }
 }

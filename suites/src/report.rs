@@ -80,7 +80,7 @@ impl RunReport {
     #[must_use]
     pub fn has_unexpected(&self) -> bool {
         self.trials.iter().any(|t| match t.spec.inject {
-            Some(_) => t.verdict != Verdict::Skip && !caught(t),
+            Some(_) => !matches!(t.verdict, Verdict::Skip | Verdict::NotExercised) && !caught(t),
             None => t.verdict.is_unexpected(),
         })
     }
@@ -91,7 +91,10 @@ impl RunReport {
         let injected: Vec<&TrialResult> = self
             .trials
             .iter()
-            .filter(|t| t.spec.inject.is_some() && t.verdict != Verdict::Skip)
+            .filter(|t| {
+                t.spec.inject.is_some()
+                    && !matches!(t.verdict, Verdict::Skip | Verdict::NotExercised)
+            })
             .collect();
         if injected.is_empty() {
             return None;
@@ -138,7 +141,12 @@ impl RunReport {
         let attention: Vec<&TrialResult> = self
             .trials
             .iter()
-            .filter(|t| !matches!(t.verdict, Verdict::Pass | Verdict::Skip))
+            .filter(|t| {
+                !matches!(
+                    t.verdict,
+                    Verdict::Pass | Verdict::Skip | Verdict::NotExercised
+                )
+            })
             .collect();
         if !attention.is_empty() {
             let _ = writeln!(out, "\nfailures, known failures and errors:");
@@ -153,16 +161,21 @@ impl RunReport {
                 let _ = writeln!(out, "      seed {}; replay: {}", t.seed, t.replay);
             }
         }
-        let mut skips: BTreeMap<&str, usize> = BTreeMap::new();
-        for t in self.trials.iter().filter(|t| t.verdict == Verdict::Skip) {
-            *skips
-                .entry(t.reason.as_deref().unwrap_or("no reason"))
-                .or_default() += 1;
-        }
-        if !skips.is_empty() {
-            let _ = writeln!(out, "\nskipped (reason: trials):");
-            for (reason, n) in skips {
-                let _ = writeln!(out, "  {n:>4}  {reason}");
+        for (verdict, title) in [
+            (Verdict::Skip, "skipped"),
+            (Verdict::NotExercised, "ran but did not exercise their path"),
+        ] {
+            let mut reasons: BTreeMap<&str, usize> = BTreeMap::new();
+            for t in self.trials.iter().filter(|t| t.verdict == verdict) {
+                *reasons
+                    .entry(t.reason.as_deref().unwrap_or("no reason"))
+                    .or_default() += 1;
+            }
+            if !reasons.is_empty() {
+                let _ = writeln!(out, "\n{title} (reason: trials):");
+                for (reason, n) in reasons {
+                    let _ = writeln!(out, "  {n:>4}  {reason}");
+                }
             }
         }
         if let Some((caught_n, missed)) = self.selftest_counts() {
@@ -219,6 +232,9 @@ impl RunReport {
             let line = match t.verdict {
                 Verdict::Pass => format!("ok {n} {}", t.name),
                 Verdict::Skip => format!("ok {n} {} # SKIP {reason}", t.name),
+                Verdict::NotExercised => {
+                    format!("ok {n} {} # SKIP path not exercised: {reason}", t.name)
+                }
                 Verdict::KnownFailure => format!("ok {n} {} # XFAIL {reason}", t.name),
                 Verdict::Fail => format!("not ok {n} {} # {reason}", t.name),
                 Verdict::UnexpectedPass => {
@@ -289,6 +305,7 @@ mod tests {
         let trials = vec![
             result(Verdict::Pass, None),
             result(Verdict::Skip, Some("no pool")),
+            result(Verdict::NotExercised, Some("no 2 MiB mapping")),
             result(Verdict::KnownFailure, Some("lost 2 page(s) # see")),
             result(Verdict::Fail, Some("lost\n1 page")),
             result(Verdict::UnexpectedPass, Some("review")),

@@ -117,10 +117,11 @@ pub fn run_all(
 /// How much a verdict matters when runs of one trial disagree (higher shows).
 const fn severity(v: Verdict) -> u8 {
     match v {
-        Verdict::Fail => 5,
-        Verdict::Error => 4,
-        Verdict::UnexpectedPass => 3,
-        Verdict::KnownFailure => 2,
+        Verdict::Fail => 6,
+        Verdict::Error => 5,
+        Verdict::UnexpectedPass => 4,
+        Verdict::KnownFailure => 3,
+        Verdict::NotExercised => 2,
         Verdict::Skip => 1,
         Verdict::Pass => 0,
     }

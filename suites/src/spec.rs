@@ -38,6 +38,47 @@ impl Pattern {
     }
 }
 
+/// Which huge-page path a [`Scenario::Huge`] trial provokes (family 6). Each writes the data
+/// region once with logging off first, so KVM maps what it can with huge mappings, then
+/// tracks a program that writes one 4 KiB page in every 2 MiB region (the first, the last and
+/// pages in between), rewrites them and writes their neighbours. KVM's binary stats
+/// (pages_4k / pages_2m) prove the path was taken, or the trial says it was not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "path")]
+pub enum HugePath {
+    /// Guest 2 MiB mappings over huge host memory: the tracked writes split KVM's 2 MiB
+    /// mappings (or enabling tracking already did).
+    Enable,
+    /// Enable, write, disable tracking (the huge mappings come back), write again, enable
+    /// again, write, check.
+    Recover,
+    /// Several vCPUs write random pages across the huge regions while the host harvests in a
+    /// loop: collects, CLEARs and ring resets race the first writes that split.
+    Race {
+        /// vCPUs writing.
+        vcpus: u8,
+    },
+    /// Guest 2 MiB mappings over 4 KiB host pages (KVM must map 4 KiB under a guest 2 MiB
+    /// page).
+    GuestHugeHostSmall,
+    /// Guest 4 KiB mappings over huge host pages.
+    GuestSmallHostHuge,
+}
+
+impl HugePath {
+    /// Name in trial names.
+    #[must_use]
+    pub fn name(self) -> String {
+        match self {
+            Self::Enable => "huge-enable".into(),
+            Self::Recover => "huge-recover".into(),
+            Self::Race { vcpus } => format!("huge-race-v{vcpus}"),
+            Self::GuestHugeHostSmall => "huge-guest2m-host4k".into(),
+            Self::GuestSmallHostHuge => "huge-guest4k-host2m".into(),
+        }
+    }
+}
+
 /// A scenario family and its parameters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "family")]
@@ -71,6 +112,11 @@ pub enum Scenario {
     },
     /// proptest over guest programs (page sets, orders, vCPUs, offsets), stepped oracle on each.
     PropPrograms,
+    /// Huge-page splits and recoveries (family 6).
+    Huge {
+        /// Which path.
+        path: HugePath,
+    },
     /// proptest-state-machine over host/guest interleavings (writes, collect, rearm ranges,
     /// copy, log-flag toggles).
     PropInterleavings,
@@ -90,6 +136,7 @@ impl Scenario {
             Self::ClearGeometry => "clear-geometry".into(),
             Self::CrossCheck { against } => format!("crosscheck-{}", path_part(&against.label())),
             Self::PropPrograms => "proptest-programs".into(),
+            Self::Huge { path } => path.name(),
             Self::PropInterleavings => "proptest-interleavings".into(),
         }
     }
@@ -105,6 +152,7 @@ impl Scenario {
             Self::ClearGeometry => "clear-geometry",
             Self::CrossCheck { .. } => "crosscheck",
             Self::PropPrograms | Self::PropInterleavings => "proptest",
+            Self::Huge { .. } => "huge",
         }
     }
 
@@ -118,7 +166,13 @@ impl Scenario {
                  into proptest-programs instead",
             ),
             (Self::Race, _) | (_, Fault::DropPage) => Ok(()),
-            (Self::Concurrent { .. }, _) => Err(
+            (
+                Self::Concurrent { .. }
+                | Self::Huge {
+                    path: HugePath::Race { .. },
+                },
+                _,
+            ) => Err(
                 "with a fault injected the concurrent guest writes each page once, so a page \
                  left writable is never written again, and whether a write lands between copy \
                  and rearm is timing",
@@ -134,7 +188,8 @@ impl Scenario {
                 Self::Stepped
                 | Self::RingFull { .. }
                 | Self::CrossCheck { .. }
-                | Self::ClearGeometry,
+                | Self::ClearGeometry
+                | Self::Huge { .. },
                 Fault::SkipRearm,
             ) => Ok(()),
         }

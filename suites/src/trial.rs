@@ -27,6 +27,9 @@ pub enum Verdict {
     UnexpectedPass,
     /// Cannot run on this host; the reason says why.
     Skip,
+    /// Ran and lost nothing, but could not prove it exercised the path it is about (KVM's
+    /// stats show no huge mapping to split, say); the reason says what was missing.
+    NotExercised,
     /// The harness could not run it.
     Error,
 }
@@ -41,6 +44,7 @@ impl Verdict {
             Self::KnownFailure => "known-failure",
             Self::UnexpectedPass => "unexpected-pass",
             Self::Skip => "skip",
+            Self::NotExercised => "not-exercised",
             Self::Error => "error",
         }
     }
@@ -275,6 +279,9 @@ pub fn run_trial(
                 fail(&mut result, FailKind::Hazard, format!("{h}{}", also(&rest)));
             } else if !f.problems.is_empty() {
                 fail(&mut result, FailKind::Problem, f.problems.join("; "));
+            } else if let Some(why) = f.not_exercised {
+                result.verdict = Verdict::NotExercised;
+                result.reason = Some(why);
             }
         }
     }

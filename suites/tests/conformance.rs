@@ -56,6 +56,10 @@ fn main() {
                 match r.verdict {
                     Verdict::Pass => Ok(Completion::Completed),
                     Verdict::Skip => Ok(Completion::ignored_with(r.reason.unwrap_or_default())),
+                    Verdict::NotExercised => Ok(Completion::ignored_with(format!(
+                        "path not exercised: {}",
+                        r.reason.unwrap_or_default()
+                    ))),
                     Verdict::KnownFailure => {
                         eprintln!(
                             "known failure {}: {}\n  seed {}; replay: {}",

@@ -149,6 +149,25 @@ impl OracleReport {
         self.allowed.values().sum::<u64>() + self.unexplained
     }
 
+    /// Add `other`'s counts (not its lost pages) to these.
+    pub fn add_counts(&mut self, other: &Self) {
+        self.written += other.written;
+        self.reported += other.reported;
+        self.unexplained += other.unexplained;
+        self.rounds += other.rounds;
+        for (k, v) in &other.allowed {
+            *self.allowed.entry(k.clone()).or_default() += v;
+        }
+    }
+
+    /// Add `other`'s counts and lost pages to these (two runs of one trial).
+    pub fn absorb(&mut self, other: &Self) {
+        self.add_counts(other);
+        for l in &other.lost {
+            self.add_lost(l.clone());
+        }
+    }
+
     /// Merge a finding into the lost list, keeping one entry per page (the first found).
     pub fn add_lost(&mut self, lost: LostPage) {
         if !self

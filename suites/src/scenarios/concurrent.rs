@@ -68,6 +68,20 @@ pub(super) fn run(
         programs::concurrent(seed, pattern, vcpus, pages)
     };
     let mut m = super::machine(spec, spec.tracker.ring_bytes())?;
+    let findings = drive_program(&mut m, &program, tracker.get(), spec.inject.is_some())?;
+    m.detach(tracker.get())?;
+    Ok(findings)
+}
+
+/// Run `program` (endless writers, or each page once with `write_once`) on `m` while
+/// harvesting with `tracker` in a loop; the shadow oracle's findings. The tracker stays
+/// attached.
+pub(super) fn drive_program(
+    m: &mut Machine,
+    program: &trackcheck_guests::Program,
+    tracker: &mut dyn Tracker,
+    write_once: bool,
+) -> Result<Findings, TrialError> {
     let mut limits = m.limits();
     limits.ring_full_wait = Some(RING_FULL_PATIENCE);
     limits.watchdog = Duration::from_secs(10);
@@ -80,15 +94,7 @@ pub(super) fn run(
             _ => MIN_WRITES,
         })
         .collect();
-    let findings = drive(
-        &mut m,
-        &program,
-        tracker.get(),
-        spec.inject.is_some(),
-        &min_writes,
-    )?;
-    m.detach(tracker.get())?;
-    Ok(findings)
+    drive(m, program, tracker, write_once, &min_writes)
 }
 
 /// Whether the run did the work a concurrent trial needs.
@@ -237,11 +243,11 @@ fn drive(
     findings.report.written = written.len() as u64;
     findings.report.reported = reported;
     findings.report.rounds = rounds + 1;
-    let evidence = m.mode_evidence(&before, &after, m.total_progress());
+    let evidence = m.mode_evidence(&before, &after, m.writes_done());
     findings.evidence.push(evidence.summary());
     findings.evidence.push(format!(
         "{} writes by {n} vCPUs to {} distinct pages; {} harvests while running, {} of them after guest progress",
-        m.total_progress(),
+        m.writes_done(),
         written.len(),
         rounds - 1,
         work.busy_rounds

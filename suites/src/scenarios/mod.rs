@@ -4,6 +4,7 @@
 mod concurrent;
 mod crosscheck;
 mod geometry;
+mod huge;
 mod property;
 pub(crate) mod stepped;
 
@@ -80,6 +81,8 @@ pub struct Findings {
     pub affected: Option<PageSet>,
     /// The execution mode, as proven by KVM's stats.
     pub mode: Option<ModeEvidence>,
+    /// Why the trial could not prove it exercised its path (None: proven, or nothing to prove).
+    pub not_exercised: Option<String>,
 }
 
 /// Whether `fault` deterministically loses a write in the trial `spec` on a mechanism whose
@@ -150,6 +153,7 @@ pub fn data_pages(scenario: &Scenario) -> u64 {
         Scenario::RingFull { .. } => 4096,
         Scenario::ClearGeometry => geometry::SLOT_PAGES,
         Scenario::PropPrograms | Scenario::PropInterleavings => property::PAGES,
+        Scenario::Huge { path } => huge::shape(*path).1,
     }
 }
 
@@ -157,7 +161,11 @@ pub fn data_pages(scenario: &Scenario) -> u64 {
 #[must_use]
 pub fn vcpus(scenario: &Scenario) -> usize {
     match scenario {
-        Scenario::Concurrent { vcpus, .. } | Scenario::RingFull { vcpus } => usize::from(*vcpus),
+        Scenario::Concurrent { vcpus, .. }
+        | Scenario::RingFull { vcpus }
+        | Scenario::Huge {
+            path: crate::spec::HugePath::Race { vcpus },
+        } => usize::from(*vcpus),
         Scenario::ClearGeometry => 1,
         _ => 2,
     }
@@ -180,7 +188,23 @@ pub fn machine_with(
     vcpus: usize,
     tracker_ring: Option<u32>,
 ) -> Result<Machine, TrialError> {
-    let config = MachineConfig {
+    Ok(Machine::new(machine_config(
+        spec,
+        data_pages,
+        vcpus,
+        tracker_ring,
+    ))?)
+}
+
+/// The machine configuration [`machine_with`] builds.
+#[must_use]
+pub fn machine_config(
+    spec: &TrialSpec,
+    data_pages: u64,
+    vcpus: usize,
+    tracker_ring: Option<u32>,
+) -> MachineConfig {
+    MachineConfig {
         vcpus,
         data_pages,
         backing: spec.backing,
@@ -192,8 +216,7 @@ pub fn machine_with(
             ..RunLimits::default()
         },
         ..MachineConfig::default()
-    };
-    Ok(Machine::new(config)?)
+    }
 }
 
 /// Check the host can run `spec` at all; the reason if not.
@@ -233,6 +256,7 @@ pub fn run(spec: &TrialSpec, seed: u64) -> Result<Findings, TrialError> {
         Scenario::CrossCheck { against } => crosscheck::run(spec, against, seed, &mut tracker)?,
         Scenario::PropPrograms => property::programs(spec, seed, &mut tracker)?,
         Scenario::PropInterleavings => property::interleavings(spec, seed)?,
+        Scenario::Huge { path } => huge::run(spec, path, seed, &mut tracker)?,
     };
     findings.affected = tracker.affected();
     Ok(findings)

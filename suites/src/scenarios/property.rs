@@ -154,7 +154,7 @@ pub(super) fn programs(
             Ok(run) => {
                 let f = run.findings;
                 if f.report.lost.is_empty() && f.hazards.is_empty() {
-                    add_counts(&mut totals.borrow_mut(), &f.report);
+                    totals.borrow_mut().add_counts(&f.report);
                     return Ok(());
                 }
                 let first = f.report.lost.first().map_or_else(|| f.hazards.join("; "), ToString::to_string);
@@ -172,16 +172,6 @@ pub(super) fn programs(
     )?;
     merge_counts(&mut findings, &totals.into_inner());
     Ok(findings)
-}
-
-fn add_counts(total: &mut OracleReport, case: &OracleReport) {
-    total.written += case.written;
-    total.reported += case.reported;
-    total.unexplained += case.unexplained;
-    total.rounds += case.rounds;
-    for (k, v) in &case.allowed {
-        *total.allowed.entry(k.clone()).or_default() += v;
-    }
 }
 
 /// Passing cases' counts go into the trial's report (a failing case's counts are its own).
@@ -535,7 +525,7 @@ impl StateMachineTest for Sut {
         }
         TOTALS.with(|t| {
             if let Some(total) = t.borrow_mut().as_mut() {
-                add_counts(total, sut.ledger.report());
+                total.add_counts(sut.ledger.report());
             }
         });
         let _ = sut.machine.detach(sut.tracker.as_mut());

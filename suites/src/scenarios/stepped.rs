@@ -198,11 +198,11 @@ pub(crate) fn drive_loaded(
             rounds,
         ));
     }
-    let evidence = m.mode_evidence(&before, &after, m.total_progress());
+    let evidence = m.mode_evidence(&before, &after, m.writes_done());
     findings.evidence.push(evidence.summary());
     findings.evidence.push(format!(
         "{} writes to {} distinct pages over {} harvests",
-        m.total_progress(),
+        m.writes_done(),
         st.ledger.pages_written(),
         rounds
     ));
