@@ -325,7 +325,7 @@ mod tests {
         let lines: Vec<&str> = ktap.lines().collect();
         assert_eq!(lines[0], "KTAP version 1");
         let plan = lines.iter().find(|l| l.starts_with("1..")).expect("plan");
-        assert_eq!(*plan, "1..6");
+        assert_eq!(*plan, "1..7");
         let mut next = 1;
         for l in &lines[1..] {
             if l.starts_with('#') || l.starts_with("1..") {
@@ -347,9 +347,10 @@ mod tests {
                 "one directive at most: {l}"
             );
         }
-        assert_eq!(next, 7);
+        assert_eq!(next, 8);
         assert!(
             ktap.contains("# SKIP no pool")
+                && ktap.contains("# SKIP path not exercised: no 2 MiB mapping")
                 && ktap.contains("# XFAIL lost 2 page(s) No. see")
                 && ktap.contains("# ERROR EIO")
         );
