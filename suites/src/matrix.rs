@@ -143,6 +143,7 @@ pub fn matrix() -> Vec<TrialSpec> {
                 Backing::Anon,
                 mode,
             ));
+            out.push(spec(tracker, Scenario::KvmWrites, Backing::Anon, mode));
             for (path, backings) in huge_paths() {
                 for &b in backings {
                     // Emulated guests make no mappings to split: one trial says so.
@@ -180,6 +181,7 @@ pub fn selftests() -> Vec<TrialSpec> {
                 },
                 Backing::Thp,
             ),
+            (Scenario::KvmWrites, Backing::Anon),
             (
                 Scenario::Huge {
                     path: HugePath::Race { vcpus: 3 },

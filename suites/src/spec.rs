@@ -112,6 +112,9 @@ pub enum Scenario {
     },
     /// proptest over guest programs (page sets, orders, vCPUs, offsets), stepped oracle on each.
     PropPrograms,
+    /// Writes KVM makes itself (family 9): kvmclock and steal time in tracked memory, and
+    /// nothing written after the vCPUs are paused.
+    KvmWrites,
     /// Huge-page splits and recoveries (family 6).
     Huge {
         /// Which path.
@@ -137,6 +140,7 @@ impl Scenario {
             Self::CrossCheck { against } => format!("crosscheck-{}", path_part(&against.label())),
             Self::PropPrograms => "proptest-programs".into(),
             Self::Huge { path } => path.name(),
+            Self::KvmWrites => "kvm-writes".into(),
             Self::PropInterleavings => "proptest-interleavings".into(),
         }
     }
@@ -153,6 +157,7 @@ impl Scenario {
             Self::CrossCheck { .. } => "crosscheck",
             Self::PropPrograms | Self::PropInterleavings => "proptest",
             Self::Huge { .. } => "huge",
+            Self::KvmWrites => "kvm-writes",
         }
     }
 
@@ -176,6 +181,11 @@ impl Scenario {
                 "with a fault injected the concurrent guest writes each page once, so a page \
                  left writable is never written again, and whether a write lands between copy \
                  and rearm is timing",
+            ),
+            (Self::KvmWrites, Fault::SkipRearm) => Err(
+                "KVM sets the dirty state of its own writes directly, not through a \
+                 write-protect fault, and the guest's pages are random: a skipped rearm need \
+                 not lose anything",
             ),
             (Self::PropPrograms, Fault::SkipRearm) => {
                 Err("a random program need not write a page again after the skipped rearm")

@@ -92,7 +92,8 @@ pub struct LostPage {
     pub gpa: u64,
     /// vCPU that made the lost write.
     pub vcpu: usize,
-    /// Its sequence number (the stamp is `vcpu << 48 | seq`).
+    /// Its sequence number (the stamp is `vcpu << 48 | seq`); 0 for a write KVM made itself
+    /// on the vCPU's behalf (guest writes count from 1).
     pub seq: u64,
     /// Harvest round (1-based) by which it should have been reported; rounds after the last
     /// one mean the final harvest.
@@ -117,10 +118,15 @@ impl LostPage {
 
 impl std::fmt::Display for LostPage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = if self.seq == 0 {
+            format!("a write KVM made for vCPU {}", self.vcpu)
+        } else {
+            format!("write seq {} of vCPU {}", self.seq, self.vcpu)
+        };
         write!(
             f,
-            "slot {} page {} (gpa {:#x}): write seq {} of vCPU {} not reported by round {}",
-            self.slot, self.page, self.gpa, self.seq, self.vcpu, self.round
+            "slot {} page {} (gpa {:#x}): {what} not reported by round {}",
+            self.slot, self.page, self.gpa, self.round
         )
     }
 }

@@ -5,6 +5,7 @@ mod concurrent;
 mod crosscheck;
 mod geometry;
 mod huge;
+mod kvm_writes;
 mod property;
 pub(crate) mod stepped;
 
@@ -154,6 +155,7 @@ pub fn data_pages(scenario: &Scenario) -> u64 {
         Scenario::ClearGeometry => geometry::SLOT_PAGES,
         Scenario::PropPrograms | Scenario::PropInterleavings => property::PAGES,
         Scenario::Huge { path } => huge::shape(*path).1,
+        Scenario::KvmWrites => kvm_writes::PAGES,
     }
 }
 
@@ -257,6 +259,7 @@ pub fn run(spec: &TrialSpec, seed: u64) -> Result<Findings, TrialError> {
         Scenario::PropPrograms => property::programs(spec, seed, &mut tracker)?,
         Scenario::PropInterleavings => property::interleavings(spec, seed)?,
         Scenario::Huge { path } => huge::run(spec, path, seed, &mut tracker)?,
+        Scenario::KvmWrites => kvm_writes::run(spec, seed, &mut tracker)?,
     };
     findings.affected = tracker.affected();
     Ok(findings)
