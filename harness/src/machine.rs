@@ -9,6 +9,8 @@
 //! data; [`Machine::reset`] also zeroes the data region. Both are far cheaper than a new VM
 //! (no KVM_CREATE_VM, no memslot setup, no first-touch faults on host memory).
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use trackcheck_guests::layout::{
@@ -26,7 +28,7 @@ use crate::sys::dirty::{DirtyRing, GFN_BYTES};
 use crate::sys::stats::StatsSnapshot;
 use crate::track::{TrackCtx, TrackError, TrackSource, Tracker};
 use crate::vcpu::{GroupMonitor, RunFailure, RunLimits, Stop, Vcpu, run_group};
-use crate::vm::{Vm, VmError};
+use crate::vm::{Memslot, Vm, VmError};
 
 /// Memslot of the system region.
 pub const SYSTEM_SLOT: u32 = 0;
@@ -57,6 +59,9 @@ pub struct MachineConfig {
     /// Enable the dirty ring with this many bytes per vCPU (before the vCPUs are created, as
     /// KVM requires), using KVM_CAP_DIRTY_LOG_RING_ACQ_REL where offered.
     pub dirty_ring: Option<u32>,
+    /// Split the data region into memslots of these many pages (in order, summing to
+    /// `data_pages`; ids `DATA_SLOT`, `DATA_SLOT + 1`, ...). Empty: one slot.
+    pub data_slot_pages: Vec<u64>,
 }
 
 impl Default for MachineConfig {
@@ -71,6 +76,7 @@ impl Default for MachineConfig {
             code_capacity: 8 << 20,
             populate: true,
             dirty_ring: None,
+            data_slot_pages: Vec::new(),
         }
     }
 }
@@ -180,6 +186,7 @@ fn control_field(vm: &Vm, vcpu: usize, offset: u64) -> u64 {
 #[derive(Debug)]
 pub struct RunView<'a> {
     vm: &'a Vm,
+    data: &'a GuestMemory,
     rings: &'a [DirtyRing],
     monitor: &'a GroupMonitor<'a>,
 }
@@ -212,7 +219,12 @@ impl RunView<'_> {
     /// The data region's memory.
     #[must_use]
     pub fn data(&self) -> &GuestMemory {
-        fixed_slot(self.vm, DATA_SLOT)
+        self.data
+    }
+
+    /// Turn dirty logging of data slot `slot` on or off while the vCPUs run.
+    pub fn set_dirty_logging(&self, slot: u32, on: bool) -> Result<(), VmError> {
+        self.vm.set_dirty_logging(slot, on)
     }
 
     /// Sequence number of `vcpu`'s last completed write (acquire).
@@ -295,6 +307,10 @@ pub struct Machine {
     rings: Vec<DirtyRing>,
     vcpus: Vec<Vcpu>,
     vm: Vm,
+    /// The data region's host memory (all data slots are parts of it).
+    data: Arc<GuestMemory>,
+    /// Data slots deleted by [`Machine::delete_data_slot`], to be restored.
+    removed: BTreeMap<u32, Memslot>,
     compiled: Vec<Compiled>,
     program: Option<Program>,
     states: Vec<VcpuState>,
@@ -326,6 +342,35 @@ fn data_mappings(data_pages: u64, page: GuestPageSize) -> Vec<Mapping> {
         }
     }
     out
+}
+
+/// Most data slots a machine makes.
+pub const MAX_DATA_SLOTS: usize = 512;
+
+/// (first page, pages) of every data slot of `config`.
+fn data_extents(config: &MachineConfig) -> Result<Vec<(u64, u64)>, MachineError> {
+    if config.data_slot_pages.is_empty() {
+        return Ok(vec![(0, config.data_pages)]);
+    }
+    if config.data_slot_pages.len() > MAX_DATA_SLOTS
+        || config.data_slot_pages.contains(&0)
+        || config.data_slot_pages.iter().sum::<u64>() != config.data_pages
+    {
+        return Err(MachineError::Config(format!(
+            "data slots of {:?} pages: 1..={MAX_DATA_SLOTS} non-empty slots summing to the {} data pages",
+            config.data_slot_pages, config.data_pages
+        )));
+    }
+    let mut first = 0;
+    Ok(config
+        .data_slot_pages
+        .iter()
+        .map(|&pages| {
+            let extent = (first, pages);
+            first += pages;
+            extent
+        })
+        .collect())
 }
 
 fn rw(gpa: u64, len: u64) -> Mapping {
@@ -416,11 +461,24 @@ impl Machine {
         let control_mem = GuestMemory::new(Backing::Anon, vcpus_bytes)?;
         control_mem.populate()?;
         vm.add_slot(CONTROL_SLOT, CONTROL_GPA, control_mem, None, 0)?;
-        let data = GuestMemory::new(config.backing, config.data_pages * PAGE_SIZE)?;
+        let data = Arc::new(GuestMemory::new(
+            config.backing,
+            config.data_pages * PAGE_SIZE,
+        )?);
         if config.populate {
             data.populate()?;
         }
-        vm.add_slot(DATA_SLOT, DATA_GPA, data, None, 0)?;
+        for (i, (first, pages)) in data_extents(&config)?.into_iter().enumerate() {
+            let id = DATA_SLOT + u32::try_from(i).unwrap_or(u32::MAX);
+            vm.add_slot_shared(
+                id,
+                DATA_GPA + first * PAGE_SIZE,
+                Arc::clone(&data),
+                first * PAGE_SIZE,
+                pages * PAGE_SIZE,
+                0,
+            )?;
+        }
 
         if let Some(bytes) = config.dirty_ring {
             enable_dirty_ring(&vm, bytes)?;
@@ -450,6 +508,8 @@ impl Machine {
             rings,
             vcpus,
             vm,
+            data,
+            removed: BTreeMap::new(),
             compiled: Vec::new(),
             program: None,
             states,
@@ -548,10 +608,31 @@ impl Machine {
         &mut self.vm
     }
 
-    /// Where the data region's pages live.
+    /// Where the data region's pages live: every data slot, deleted ones included, at its
+    /// current guest-physical address.
     #[must_use]
     pub fn data_layout(&self) -> crate::oracle::DataLayout {
-        crate::oracle::DataLayout::single(DATA_SLOT, self.config.data_pages)
+        let extents = data_extents(&self.config)
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+            .map(|(i, (first, pages))| {
+                let slot = DATA_SLOT + u32::try_from(i).unwrap_or(u32::MAX);
+                let gpa = self
+                    .vm
+                    .slot(slot)
+                    .ok()
+                    .or_else(|| self.removed.get(&slot))
+                    .map_or(DATA_GPA + first * PAGE_SIZE, |s| s.gpa);
+                crate::oracle::Extent {
+                    slot,
+                    first_page: first,
+                    pages,
+                    gpa,
+                }
+            })
+            .collect();
+        crate::oracle::DataLayout { extents }
     }
 
     /// Replace the run limits (watchdog, livelock bound, ring-full policy).
@@ -559,10 +640,99 @@ impl Machine {
         self.config.limits = limits;
     }
 
-    /// The tracked data slots.
+    /// The tracked data slots (those not deleted).
     #[must_use]
     pub fn data_slots(&self) -> Vec<u32> {
-        vec![DATA_SLOT]
+        self.data_layout()
+            .extents
+            .iter()
+            .map(|e| e.slot)
+            .filter(|s| !self.removed.contains_key(s))
+            .collect()
+    }
+
+    /// Delete data slot `slot` from KVM (its memory stays; [`Machine::restore_data_slot`] puts
+    /// it back). The guest must not touch its pages meanwhile: they would be MMIO.
+    pub fn delete_data_slot(&mut self, slot: u32) -> Result<(), MachineError> {
+        if !self.data_slots().contains(&slot) {
+            return Err(MachineError::Config(format!(
+                "slot {slot} is not a data slot in use"
+            )));
+        }
+        let s = self.vm.delete_slot(slot)?;
+        self.removed.insert(slot, s);
+        Ok(())
+    }
+
+    /// Put a deleted data slot back where it was, with the flags it had (a tracker's
+    /// KVM_MEM_LOG_DIRTY_PAGES included): to KVM it is a new slot. Returns the flags.
+    pub fn restore_data_slot(&mut self, slot: u32) -> Result<u32, MachineError> {
+        let s = self
+            .removed
+            .remove(&slot)
+            .ok_or_else(|| MachineError::Config(format!("slot {slot} was not deleted")))?;
+        let (gpa, offset, size, flags) = (s.gpa, s.offset, s.size, s.flags());
+        self.vm
+            .add_slot_shared(slot, gpa, s.memory, offset, size, flags)?;
+        Ok(flags)
+    }
+
+    /// Move data slot `slot` to `gpa` (KVM_MR_MOVE), point the guest's mappings of its pages
+    /// at the new place and reset every vCPU's MMU so the guest sees them there. The vCPUs must
+    /// be stopped.
+    pub fn move_data_slot(&mut self, slot: u32, gpa: u64) -> Result<(), MachineError> {
+        let (old, pages) = {
+            let s = self.vm.slot(slot)?;
+            (s.gpa, s.pages())
+        };
+        let extent = self
+            .data_layout()
+            .extents
+            .into_iter()
+            .find(|e| e.slot == slot)
+            .ok_or_else(|| MachineError::Config(format!("slot {slot} is not a data slot")))?;
+        if !gpa.is_multiple_of(PAGE_SIZE) {
+            return Err(MachineError::Config(format!(
+                "move to unaligned gpa {gpa:#x}"
+            )));
+        }
+        self.vm.move_slot(slot, gpa)?;
+        let system = fixed_slot(&self.vm, SYSTEM_SLOT);
+        let read = |at: u64| -> Option<u64> {
+            let off = at.checked_sub(SYSTEM_GPA)?;
+            (off + 8 <= system.len()).then(|| system.read_u64(off))
+        };
+        let mut page = 0;
+        while page < pages {
+            let gva = DATA_GPA + (extent.first_page + page) * PAGE_SIZE;
+            let walk = arch::walk(self.root, gva, read).ok_or_else(|| {
+                MachineError::Config(format!("guest page tables do not map {gva:#x}"))
+            })?;
+            let span = walk.page.bytes() / PAGE_SIZE;
+            if walk.page != GuestPageSize::Size4K
+                && (!gva.is_multiple_of(walk.page.bytes()) || page + span > pages)
+            {
+                return Err(MachineError::Config(format!(
+                    "slot {slot} does not cover whole guest {} pages: moving it needs 4 KiB guest pages",
+                    walk.page.name()
+                )));
+            }
+            let target = walk.gpa - old + gpa;
+            let entry = (walk.leaf_entry & !arch::pte::ADDR) | (target & arch::pte::ADDR);
+            system.write_u64(walk.leaf_entry_gpa - SYSTEM_GPA, entry);
+            page += span;
+        }
+        self.reset_guest_mmu()
+    }
+
+    /// Make every vCPU drop its cached translations (KVM_SET_SREGS toggling CR4.PGE and back,
+    /// which resets KVM's MMU for the vCPU): what a guest that cannot flush its own TLB needs
+    /// after its page tables changed. The vCPUs must be stopped.
+    pub fn reset_guest_mmu(&self) -> Result<(), MachineError> {
+        for (v, vcpu) in self.vcpus.iter().enumerate() {
+            arch::reset_mmu(vcpu.fd()).map_err(|text| MachineError::Vcpu { vcpu: v, text })?;
+        }
+        Ok(())
     }
 
     /// Start `tracker` on the data slots.
@@ -600,14 +770,10 @@ impl Machine {
         &self.states
     }
 
-    fn memory(&self, slot: u32) -> &GuestMemory {
-        fixed_slot(&self.vm, slot)
-    }
-
-    /// The data region's memory.
+    /// The data region's memory (every data slot is a part of it).
     #[must_use]
     pub fn data(&self) -> &GuestMemory {
-        self.memory(DATA_SLOT)
+        &self.data
     }
 
     /// The control page of `vcpu`: field `offset` (see `layout::control`), acquire-loaded.
@@ -655,7 +821,7 @@ impl Machine {
             compiled.push(c);
             at = next;
         }
-        let system = self.memory(SYSTEM_SLOT);
+        let system = fixed_slot(&self.vm, SYSTEM_SLOT);
         for c in &compiled {
             system.write(c.base - SYSTEM_GPA, &c.bytes);
         }
@@ -666,7 +832,7 @@ impl Machine {
 
     /// Zero the control pages and put every vCPU with a thread back at its entry point.
     pub fn restart(&mut self) -> Result<(), MachineError> {
-        let control_mem = self.memory(CONTROL_SLOT);
+        let control_mem = fixed_slot(&self.vm, CONTROL_SLOT);
         control_mem.zero(0, self.config.vcpus as u64 * PAGE_SIZE);
         let threads = self.compiled.len();
         for (i, vcpu) in self.vcpus.iter_mut().enumerate() {
@@ -725,7 +891,7 @@ impl Machine {
             .filter(|&i| matches!(self.states[i], VcpuState::Ready(_)) && pick(i))
             .collect();
         let limits = self.config.limits;
-        let (vm, rings) = (&self.vm, self.rings.as_slice());
+        let (vm, rings, data) = (&self.vm, self.rings.as_slice(), self.data.as_ref());
         let mut selected: Vec<&mut Vcpu> = self
             .vcpus
             .iter_mut()
@@ -734,7 +900,12 @@ impl Machine {
             .map(|(_, v)| v)
             .collect();
         let (r, results) = run_group(&mut selected, limits, |monitor| {
-            host(&RunView { vm, rings, monitor })
+            host(&RunView {
+                vm,
+                data,
+                rings,
+                monitor,
+            })
         });
         if ready.is_empty() {
             return (

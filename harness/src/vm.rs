@@ -1,11 +1,14 @@
 //! A KVM VM and its memslots.
 //!
 //! Memslot operations are the ones dirty tracking has to survive: add, toggle
-//! `KVM_MEM_LOG_DIRTY_PAGES`, move, delete. Each slot owns its [`GuestMemory`]; the memory stays
-//! mapped while KVM can reach it: the VM fd is dropped before the slots (field order), and a
-//! deleted slot is removed from KVM before its memory is handed back.
+//! `KVM_MEM_LOG_DIRTY_PAGES`, move, delete. Each slot holds a reference to its [`GuestMemory`]
+//! (several slots may share one mapping); the memory stays mapped while KVM can reach it: the
+//! VM fd is dropped before the slots (field order), and a deleted slot is removed from KVM
+//! before its reference is handed back.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VmFd};
@@ -59,7 +62,8 @@ pub enum VmError {
     },
 }
 
-/// One memslot.
+/// One memslot: `size` bytes of `memory` from `offset` on, at `gpa`. Several slots may share
+/// one host mapping (a data region split into many slots).
 #[derive(Debug)]
 pub struct Memslot {
     /// Slot id.
@@ -68,10 +72,12 @@ pub struct Memslot {
     pub gpa: u64,
     /// Size KVM sees (may be less than the memory's mapped length).
     pub size: u64,
-    /// KVM_MEM_* flags.
-    pub flags: u32,
+    /// KVM_MEM_* flags (atomic: logging may be toggled while vCPUs run).
+    flags: AtomicU32,
     /// The host memory behind it.
-    pub memory: GuestMemory,
+    pub memory: Arc<GuestMemory>,
+    /// Byte offset of the slot in `memory`.
+    pub offset: u64,
 }
 
 impl Memslot {
@@ -81,10 +87,33 @@ impl Memslot {
         self.size.div_ceil(4096)
     }
 
+    /// KVM_MEM_* flags.
+    #[must_use]
+    pub fn flags(&self) -> u32 {
+        self.flags.load(Ordering::Acquire)
+    }
+
     /// True when dirty logging is on for this slot.
     #[must_use]
     pub fn logging(&self) -> bool {
-        self.flags & KVM_MEM_LOG_DIRTY_PAGES != 0
+        self.flags() & KVM_MEM_LOG_DIRTY_PAGES != 0
+    }
+
+    /// Host address of the slot's first byte.
+    #[must_use]
+    pub fn host_addr(&self) -> u64 {
+        self.memory.host_addr() + self.offset
+    }
+
+    /// Bytes of host mapping behind the slot: its size, or up to the end of the mapping (which
+    /// is rounded up to the backing's page size) when the slot ends where the memory does.
+    #[must_use]
+    pub fn host_len(&self) -> u64 {
+        if self.offset + self.size >= self.memory.len() {
+            self.memory.mapped_len() - self.offset
+        } else {
+            self.size
+        }
     }
 
     /// Whether `gpa` falls inside the slot.
@@ -154,7 +183,8 @@ impl Vm {
             memory_size: size,
             userspace_addr: host,
         };
-        // SAFETY: `host..host+size` is inside a GuestMemory owned by this Vm's slot table (or,
+        // SAFETY: `host..host+size` is inside a GuestMemory this Vm's slot table holds a
+        // reference to (add_slot_shared checked offset + size against its mapped length; or,
         // for a delete, size is 0 and nothing is mapped). The memory stays mapped until the
         // slot is deleted from KVM or the VM fd is closed (field order above).
         unsafe { self.fd.set_user_memory_region(region) }.map_err(|e| VmError::SetRegion {
@@ -177,31 +207,50 @@ impl Vm {
         size: Option<u64>,
         flags: u32,
     ) -> Result<(), VmError> {
+        let size = size.unwrap_or_else(|| memory.len());
+        self.add_slot_shared(id, gpa, Arc::new(memory), 0, size, flags)
+    }
+
+    /// Add slot `id` at `gpa`, exposing `size` bytes of `memory` from byte `offset` on (a
+    /// 4 KiB multiple); other slots may use other parts of the same memory.
+    pub fn add_slot_shared(
+        &mut self,
+        id: u32,
+        gpa: u64,
+        memory: Arc<GuestMemory>,
+        offset: u64,
+        size: u64,
+        flags: u32,
+    ) -> Result<(), VmError> {
         if self.slots.contains_key(&id) {
             return Err(VmError::Slot {
                 slot: id,
                 what: "already exists".into(),
             });
         }
-        let size = size.unwrap_or_else(|| memory.len());
-        if size > memory.mapped_len() {
+        if !offset.is_multiple_of(4096)
+            || offset
+                .checked_add(size)
+                .is_none_or(|end| end > memory.mapped_len())
+        {
             return Err(VmError::Slot {
                 slot: id,
                 what: format!(
-                    "size {size:#x} exceeds its {:#x}-byte memory",
+                    "{size:#x} bytes at offset {offset:#x} do not fit its {:#x}-byte memory (or the offset is not page aligned)",
                     memory.mapped_len()
                 ),
             });
         }
-        self.set_region(id, gpa, size, flags, memory.host_addr(), "add")?;
+        self.set_region(id, gpa, size, flags, memory.host_addr() + offset, "add")?;
         self.slots.insert(
             id,
             Memslot {
                 id,
                 gpa,
                 size,
-                flags,
+                flags: AtomicU32::new(flags),
                 memory,
+                offset,
             },
         );
         Ok(())
@@ -224,19 +273,18 @@ impl Vm {
         self.slots.values()
     }
 
-    /// Replace slot `id`'s flags (e.g. turn `KVM_MEM_LOG_DIRTY_PAGES` on or off).
-    pub fn set_slot_flags(&mut self, id: u32, flags: u32) -> Result<(), VmError> {
+    /// Replace slot `id`'s flags (e.g. turn `KVM_MEM_LOG_DIRTY_PAGES` on or off). KVM allows
+    /// this while vCPUs run; one thread at a time changes a slot.
+    pub fn set_slot_flags(&self, id: u32, flags: u32) -> Result<(), VmError> {
         let s = self.slot_entry(id)?;
-        self.set_region(id, s.gpa, s.size, flags, s.memory.host_addr(), "set flags")?;
-        if let Some(s) = self.slots.get_mut(&id) {
-            s.flags = flags;
-        }
+        self.set_region(id, s.gpa, s.size, flags, s.host_addr(), "set flags")?;
+        s.flags.store(flags, Ordering::Release);
         Ok(())
     }
 
     /// Turn dirty logging on or off for slot `id`.
-    pub fn set_dirty_logging(&mut self, id: u32, on: bool) -> Result<(), VmError> {
-        let flags = self.slot_entry(id)?.flags;
+    pub fn set_dirty_logging(&self, id: u32, on: bool) -> Result<(), VmError> {
+        let flags = self.slot_entry(id)?.flags();
         let flags = if on {
             flags | KVM_MEM_LOG_DIRTY_PAGES
         } else {
@@ -248,7 +296,7 @@ impl Vm {
     /// Move slot `id` to `gpa` (KVM_MR_MOVE: same size and memory).
     pub fn move_slot(&mut self, id: u32, gpa: u64) -> Result<(), VmError> {
         let s = self.slot_entry(id)?;
-        self.set_region(id, gpa, s.size, s.flags, s.memory.host_addr(), "move")?;
+        self.set_region(id, gpa, s.size, s.flags(), s.host_addr(), "move")?;
         if let Some(s) = self.slots.get_mut(&id) {
             s.gpa = gpa;
         }
@@ -258,7 +306,7 @@ impl Vm {
     /// Delete slot `id` from KVM and hand its memory back.
     pub fn delete_slot(&mut self, id: u32) -> Result<Memslot, VmError> {
         let s = self.slot_entry(id)?;
-        self.set_region(id, s.gpa, 0, 0, s.memory.host_addr(), "delete")?;
+        self.set_region(id, s.gpa, 0, 0, s.host_addr(), "delete")?;
         self.slots.remove(&id).ok_or_else(|| VmError::Slot {
             slot: id,
             what: "vanished".into(),

@@ -412,7 +412,7 @@ fn memslot_operations() -> Check {
     })?;
     let slot = vm.delete_slot(5)?;
     ensure(vm.slot(5).is_err(), || "deleted slot still listed".into())?;
-    vm.add_slot(5, 0x1000_0000, slot.memory, None, 0)?;
+    vm.add_slot_shared(5, 0x1000_0000, slot.memory, slot.offset, slot.size, 0)?;
     let dup = GuestMemory::new(Backing::Anon, PAGE_SIZE)?;
     ensure(
         matches!(
@@ -487,6 +487,61 @@ fn guest_2m_pages(backing: Backing) -> Check {
         })?;
     }
     Ok(())
+}
+
+/// A data region split into slots of unaligned sizes: the guest writes every page; one slot is
+/// deleted (touching it then would be MMIO) and restored, another moved (the guest's mappings
+/// follow it); the memory stays one contiguous host view throughout.
+fn data_slots(mode: ExecutionMode) -> Check {
+    use trackcheck_harness::machine::DATA_SLOT;
+    let sizes = vec![1u64, 63, 65, 127];
+    let pages: u64 = sizes.iter().sum();
+    let mut m = Machine::new(MachineConfig {
+        vcpus: 1,
+        data_pages: pages,
+        mode,
+        data_slot_pages: sizes.clone(),
+        ..MachineConfig::default()
+    })?;
+    let layout = m.data_layout();
+    ensure(
+        layout.extents.iter().map(|e| e.pages).collect::<Vec<_>>() == sizes
+            && layout.locate(64) == Some((DATA_SLOT + 2, 0)),
+        || format!("layout {layout:?}"),
+    )?;
+    ensure(m.data_slots() == vec![2, 3, 4, 5], || {
+        format!("slots {:?}", m.data_slots())
+    })?;
+    let all = Program::new(
+        pages,
+        vec![Thread::new(vec![Op::Loop {
+            pages: PageSeq::Range {
+                start: 0,
+                count: pages,
+            },
+            access: Access::Write,
+            offset: 0,
+            repeat: Repeat::Times(1),
+        }])],
+    );
+    m.load(&all)?;
+    m.run_to_completion()?;
+    check_memory(&m, &all)?;
+    m.delete_data_slot(DATA_SLOT + 1)?;
+    ensure(m.data_slots() == vec![2, 4, 5], || {
+        format!("after delete: {:?}", m.data_slots())
+    })?;
+    m.restore_data_slot(DATA_SLOT + 1)?;
+    let to = 0x20_0000_0000;
+    m.move_data_slot(DATA_SLOT + 3, to)?;
+    ensure(
+        m.data_layout().gpa(pages - 1) == to + 126 * PAGE_SIZE,
+        || format!("moved layout {:?}", m.data_layout()),
+    )?;
+    let again = all.clone().with_seq_base(1000);
+    m.load(&again)?;
+    m.run_to_completion()?;
+    check_memory(&m, &again)
 }
 
 fn read_pool(kib: u64) -> Result<u64, Failed> {
@@ -617,6 +672,11 @@ fn kvm_trials(host: &HostProfile) -> Vec<Trial> {
             format!("machine::until_stopped::{mode}"),
             skip.clone(),
             Box::new(move || until_stopped(mode)),
+        );
+        add(
+            format!("machine::data_slots::{mode}"),
+            skip.clone(),
+            Box::new(move || data_slots(mode)),
         );
         for what in [
             Misbehaviour::Hang,

@@ -7,7 +7,7 @@ use trackcheck_harness::track::inject::Fault;
 use trackcheck_harness::track::{ClearGranularity, TrackerSpec};
 use trackcheck_harness::{Backing, ExecutionMode};
 
-use crate::spec::{HugePath, Pattern, Scenario, TrialSpec};
+use crate::spec::{HugePath, Pattern, Scenario, SlotOp, TrialSpec};
 
 /// Ring sizes tried: the smallest (constant ring-full exits) and 1 MiB.
 pub const RING_SIZES: [u32; 2] = [4096, 1 << 20];
@@ -144,6 +144,15 @@ pub fn matrix() -> Vec<TrialSpec> {
                 mode,
             ));
             out.push(spec(tracker, Scenario::KvmWrites, Backing::Anon, mode));
+            for op in [
+                SlotOp::Toggle,
+                SlotOp::Move,
+                SlotOp::Delete,
+                SlotOp::Many,
+                SlotOp::ManyConcurrent,
+            ] {
+                out.push(spec(tracker, Scenario::Memslot { op }, Backing::Anon, mode));
+            }
             for (path, backings) in huge_paths() {
                 for &b in backings {
                     // Emulated guests make no mappings to split: one trial says so.
@@ -182,6 +191,9 @@ pub fn selftests() -> Vec<TrialSpec> {
                 Backing::Thp,
             ),
             (Scenario::KvmWrites, Backing::Anon),
+            (Scenario::Memslot { op: SlotOp::Delete }, Backing::Anon),
+            (Scenario::Memslot { op: SlotOp::Move }, Backing::Anon),
+            (Scenario::Memslot { op: SlotOp::Toggle }, Backing::Anon),
             (
                 Scenario::Huge {
                     path: HugePath::Race { vcpus: 3 },

@@ -191,6 +191,65 @@ pub fn huge_split(seed: u64, vcpus: usize, data_pages: u64) -> Program {
     Program::new(data_pages, threads)
 }
 
+/// Stepped rounds over data slots of `slot_pages` pages: in round `r` (1-based) each of `vcpus`
+/// vCPUs writes the first and the last page of every slot `allowed(r, slot)` permits (slot
+/// ends, in the same bitmap word as the next slot's start where sizes are unaligned) and
+/// `random` seeded pages of those slots, then syncs.
+#[must_use]
+pub fn slot_rounds(
+    seed: u64,
+    vcpus: usize,
+    slot_pages: &[u64],
+    rounds: u32,
+    random: u32,
+    allowed: impl Fn(u32, usize) -> bool,
+) -> Program {
+    let starts: Vec<u64> = slot_pages
+        .iter()
+        .scan(0, |first, &pages| {
+            let start = *first;
+            *first += pages;
+            Some(start)
+        })
+        .collect();
+    let data_pages = slot_pages.iter().sum();
+    let threads = (0..vcpus as u64)
+        .map(|v| {
+            let mut rng = seed ^ 0x5107_0000 ^ v;
+            let mut ops = Vec::new();
+            for round in 1..=rounds {
+                let slots: Vec<usize> = (0..slot_pages.len())
+                    .filter(|&i| allowed(round, i))
+                    .collect();
+                let offset = 8 * u16::try_from(v).unwrap_or(0);
+                for &i in &slots {
+                    ops.push(Op::Write {
+                        page: starts[i],
+                        offset,
+                    });
+                    ops.push(Op::Write {
+                        page: starts[i] + slot_pages[i] - 1,
+                        offset,
+                    });
+                }
+                if !slots.is_empty() {
+                    for _ in 0..random {
+                        let i =
+                            slots[usize::try_from(splitmix64(&mut rng)).unwrap_or(0) % slots.len()];
+                        ops.push(Op::Write {
+                            page: starts[i] + splitmix64(&mut rng) % slot_pages[i],
+                            offset: offset + 64,
+                        });
+                    }
+                }
+                ops.push(Op::Sync(round));
+            }
+            Thread::new(ops)
+        })
+        .collect();
+    Program::new(data_pages, threads)
+}
+
 /// Each vCPU writes each page of its share exactly once, in order (deterministic losses for the
 /// concurrent self-test: a dropped page is never written again).
 #[must_use]
@@ -293,6 +352,7 @@ mod tests {
             ring_full(3, 2, 4096, 600, 3),
             clear_geometry(262_160),
             huge_split(4, 3, 4096),
+            slot_rounds(5, 2, &[1, 63, 65, 300], 4, 20, |r, i| r != 3 || i != 1),
             huge_split(4, 1, 1024),
         ] {
             p.validate().expect("valid");

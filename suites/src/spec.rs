@@ -79,6 +79,40 @@ impl HugePath {
     }
 }
 
+/// Which memslot operation a [`Scenario::Memslot`] trial makes while tracking (family 7).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "op")]
+pub enum SlotOp {
+    /// vCPUs write four slots while the host harvests in a loop and, every few harvests,
+    /// turns KVM_MEM_LOG_DIRTY_PAGES of one slot off and on again (then copies that slot
+    /// whole, as a VMM must).
+    Toggle,
+    /// Stepped rounds over four slots; one slot moves to another guest-physical address
+    /// between rounds (with writes still unharvested) and back later.
+    Move,
+    /// Stepped rounds over four slots; one slot is deleted with writes still unharvested
+    /// (they are not required any more), restored later and written again.
+    Delete,
+    /// Stepped rounds over many small slots of unaligned sizes (1 page, 63, 65, 257, ...).
+    Many,
+    /// Concurrent writers over the same many small slots.
+    ManyConcurrent,
+}
+
+impl SlotOp {
+    /// Name in trial names.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Toggle => "memslot-toggle",
+            Self::Move => "memslot-move",
+            Self::Delete => "memslot-delete",
+            Self::Many => "memslot-many",
+            Self::ManyConcurrent => "memslot-many-concurrent",
+        }
+    }
+}
+
 /// A scenario family and its parameters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "family")]
@@ -115,6 +149,11 @@ pub enum Scenario {
     /// Writes KVM makes itself (family 9): kvmclock and steal time in tracked memory, and
     /// nothing written after the vCPUs are paused.
     KvmWrites,
+    /// Memslot operations while tracking (family 7).
+    Memslot {
+        /// Which operation.
+        op: SlotOp,
+    },
     /// Huge-page splits and recoveries (family 6).
     Huge {
         /// Which path.
@@ -141,6 +180,7 @@ impl Scenario {
             Self::PropPrograms => "proptest-programs".into(),
             Self::Huge { path } => path.name(),
             Self::KvmWrites => "kvm-writes".into(),
+            Self::Memslot { op } => op.name().into(),
             Self::PropInterleavings => "proptest-interleavings".into(),
         }
     }
@@ -158,6 +198,7 @@ impl Scenario {
             Self::PropPrograms | Self::PropInterleavings => "proptest",
             Self::Huge { .. } => "huge",
             Self::KvmWrites => "kvm-writes",
+            Self::Memslot { .. } => "memslot",
         }
     }
 
@@ -175,6 +216,9 @@ impl Scenario {
                 Self::Concurrent { .. }
                 | Self::Huge {
                     path: HugePath::Race { .. },
+                }
+                | Self::Memslot {
+                    op: SlotOp::Toggle | SlotOp::ManyConcurrent,
                 },
                 _,
             ) => Err(
@@ -199,7 +243,8 @@ impl Scenario {
                 | Self::RingFull { .. }
                 | Self::CrossCheck { .. }
                 | Self::ClearGeometry
-                | Self::Huge { .. },
+                | Self::Huge { .. }
+                | Self::Memslot { .. },
                 Fault::SkipRearm,
             ) => Ok(()),
         }

@@ -190,6 +190,20 @@ pub fn pc_and_cpl(fd: &VcpuFd) -> Option<(u64, u8)> {
     Some((regs.rip, sregs.cs.dpl))
 }
 
+/// Reset KVM's MMU for the vCPU: KVM_SET_SREGS with CR4.PGE toggled, then restored (a CR4.PGE
+/// change flushes every translation, global ones included). For guests that cannot flush their
+/// own TLB (CPL3 on PVM). The vCPU must not be running.
+pub fn reset_mmu(fd: &VcpuFd) -> Result<(), String> {
+    let mut sregs = fd.get_sregs().map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
+    let cr4 = sregs.cr4;
+    sregs.cr4 = cr4 ^ CR4_PGE;
+    fd.set_sregs(&sregs)
+        .map_err(|e| format!("KVM_SET_SREGS (CR4.PGE toggled): {e}"))?;
+    sregs.cr4 = cr4;
+    fd.set_sregs(&sregs)
+        .map_err(|e| format!("KVM_SET_SREGS (CR4 restored): {e}"))
+}
+
 /// Page-table entry bits.
 pub mod pte {
     /// Present.

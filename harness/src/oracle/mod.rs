@@ -37,6 +37,8 @@ pub struct Extent {
     pub first_page: u64,
     /// Pages in the slot.
     pub pages: u64,
+    /// Guest-physical address of the slot's first page (it changes when the slot moves).
+    pub gpa: u64,
 }
 
 impl DataLayout {
@@ -48,8 +50,20 @@ impl DataLayout {
                 slot,
                 first_page: 0,
                 pages,
+                gpa: DATA_GPA,
             }],
         }
+    }
+
+    /// Guest-physical address of data page `page` now.
+    #[must_use]
+    pub fn gpa(&self, page: u64) -> u64 {
+        self.extents
+            .iter()
+            .find(|e| page >= e.first_page && page < e.first_page + e.pages)
+            .map_or(DATA_GPA + page * PAGE_SIZE, |e| {
+                e.gpa + (page - e.first_page) * PAGE_SIZE
+            })
     }
 
     /// Total data pages.
@@ -108,7 +122,7 @@ impl LostPage {
         Self {
             slot,
             page,
-            gpa: DATA_GPA + data_page * PAGE_SIZE,
+            gpa: layout.gpa(data_page),
             vcpu,
             seq,
             round,

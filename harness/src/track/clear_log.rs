@@ -163,6 +163,9 @@ impl Tracker for ClearLog {
     fn collect(&mut self, ctx: &TrackCtx<'_>, out: &mut PageSet) -> Result<(), TrackError> {
         for (slot, _, bitmap) in &mut self.slots {
             bitmap.fill(0);
+            if ctx.vm.slot(*slot).is_err() {
+                continue; // deleted while tracked: nothing to collect, nothing to CLEAR
+            }
             self.time
                 .collect(|| get_dirty_log(ctx.vm.fd(), *slot, bitmap))
                 .map_err(|e| TrackError::kvm("KVM_GET_DIRTY_LOG", *slot, String::new(), e))?;
@@ -174,6 +177,9 @@ impl Tracker for ClearLog {
 
     fn rearm(&mut self, ctx: &TrackCtx<'_>) -> Result<(), TrackError> {
         for (slot, pages, bitmap) in &self.slots {
+            if ctx.vm.slot(*slot).is_err() {
+                continue;
+            }
             Self::clear_masked(
                 &mut self.time,
                 ctx.vm,
@@ -225,7 +231,9 @@ impl Tracker for ClearLog {
 
     fn detach(&mut self, vm: &mut Vm) -> Result<(), TrackError> {
         for (slot, _, _) in &self.slots {
-            vm.set_dirty_logging(*slot, false)?;
+            if vm.slot(*slot).is_ok() {
+                vm.set_dirty_logging(*slot, false)?;
+            }
         }
         self.slots.clear();
         set_manual_protect(vm, 0)

@@ -27,6 +27,9 @@ impl Tracker for DirtyLog {
 
     fn collect(&mut self, ctx: &TrackCtx<'_>, out: &mut PageSet) -> Result<(), TrackError> {
         for &(slot, pages) in &self.slots {
+            if ctx.vm.slot(slot).is_err() {
+                continue; // deleted while tracked
+            }
             self.bitmap.clear();
             self.bitmap.resize(bitmap_words(pages), 0);
             let bitmap = &mut self.bitmap;
@@ -44,7 +47,9 @@ impl Tracker for DirtyLog {
 
     fn detach(&mut self, vm: &mut Vm) -> Result<(), TrackError> {
         for &(slot, _) in &self.slots {
-            vm.set_dirty_logging(slot, false)?;
+            if vm.slot(slot).is_ok() {
+                vm.set_dirty_logging(slot, false)?;
+            }
         }
         self.slots.clear();
         Ok(())

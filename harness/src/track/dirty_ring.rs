@@ -61,7 +61,9 @@ impl Tracker for DirtyRingTracker {
 
     fn detach(&mut self, vm: &mut Vm) -> Result<(), TrackError> {
         for &slot in &self.slots {
-            vm.set_dirty_logging(slot, false)?;
+            if vm.slot(slot).is_ok() {
+                vm.set_dirty_logging(slot, false)?;
+            }
         }
         self.slots.clear();
         Ok(())

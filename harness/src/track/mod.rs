@@ -185,7 +185,8 @@ pub trait Tracker: Send + std::fmt::Debug {
     fn attach(&mut self, vm: &mut Vm, slots: &[u32]) -> Result<(), TrackError>;
 
     /// Add every page the mechanism reports to `out`. Remembers what it collected for
-    /// [`Tracker::rearm`].
+    /// [`Tracker::rearm`]. A slot the VM no longer has (deleted while tracked) is skipped; put
+    /// back under the same id, it is tracked again.
     fn collect(&mut self, ctx: &TrackCtx<'_>, out: &mut PageSet) -> Result<(), TrackError>;
 
     /// Make the pages of the last collect trackable again.

@@ -76,8 +76,8 @@ fn setup(vm: &Vm, slots: &[u32], features: u64) -> Result<(File, Vec<Range>), Tr
         let s = vm.slot(slot)?;
         let range = Range {
             slot,
-            start: s.memory.host_addr(),
-            len: s.memory.mapped_len(),
+            start: s.host_addr(),
+            len: s.host_len(),
             pages: s.pages(),
             unit: unit_of(s.memory.backing()),
         };

@@ -82,19 +82,41 @@ pub(super) fn drive_program(
     tracker: &mut dyn Tracker,
     write_once: bool,
 ) -> Result<Findings, TrialError> {
+    drive_program_with(m, program, tracker, write_once, &mut |_, _, _| Ok(()))
+}
+
+/// [`drive_program`] with `between` run after every harvest while the vCPUs run.
+pub(super) fn drive_program_with(
+    m: &mut Machine,
+    program: &trackcheck_guests::Program,
+    tracker: &mut dyn Tracker,
+    write_once: bool,
+    between: Between<'_>,
+) -> Result<Findings, TrialError> {
     let mut limits = m.limits();
     limits.ring_full_wait = Some(RING_FULL_PATIENCE);
     limits.watchdog = Duration::from_secs(10);
     m.set_limits(limits);
-    let min_writes: Vec<u64> = program
+    drive(
+        m,
+        program,
+        tracker,
+        write_once,
+        &min_writes(program),
+        between,
+    )
+}
+
+/// Writes each vCPU must make: [`MIN_WRITES`], or one pass over its pages if that is shorter.
+fn min_writes(program: &trackcheck_guests::Program) -> Vec<u64> {
+    program
         .vcpus
         .iter()
         .map(|t| match t.ops.first() {
             Some(trackcheck_guests::Op::Loop { pages, .. }) => pages.len().min(MIN_WRITES),
             _ => MIN_WRITES,
         })
-        .collect();
-    drive(m, program, tracker, write_once, &min_writes)
+        .collect()
 }
 
 /// Whether the run did the work a concurrent trial needs.
@@ -104,12 +126,18 @@ struct Work {
     enough: bool,
 }
 
+/// What a scenario does between the harvests of a concurrent run, with the vCPUs running:
+/// `hook(view, harvest, shadow)` may change memslots and copy pages into the shadow.
+pub(super) type Between<'h> =
+    &'h mut dyn FnMut(&RunView<'_>, u32, &mut Shadow) -> Result<(), TrialError>;
+
 fn drive(
     m: &mut Machine,
     program: &trackcheck_guests::Program,
     tracker: &mut dyn Tracker,
     write_once: bool,
     min_writes: &[u64],
+    between: Between<'_>,
 ) -> Result<Findings, TrialError> {
     let n = program.vcpu_count();
     m.load(program)?;
@@ -126,6 +154,7 @@ fn drive(
         let mut work = Work::default();
         let start = Instant::now();
         let mut v: &RunView<'_> = view;
+        let base = program.seq_base;
         let mut harvest_once =
             |snapshots: &mut Vec<Vec<u64>>, reported: &mut u64| -> Result<Vec<u64>, TrialError> {
                 let now: Vec<u64> = (0..n).map(|i| view.progress(i)).collect();
@@ -137,7 +166,13 @@ fn drive(
                     &mut shadow,
                     |s: &&RunView<'_>| s.data(),
                 )?;
-                Ok(now)
+                between(
+                    view,
+                    u32::try_from(snapshots.len()).unwrap_or(u32::MAX),
+                    &mut shadow,
+                )?;
+                // Writes of this program so far (progress counts from its seq base).
+                Ok(now.iter().map(|p| p.saturating_sub(base)).collect())
             };
         let result = (|| -> Result<(), TrialError> {
             let mut previous: Vec<u64> = vec![0; n];

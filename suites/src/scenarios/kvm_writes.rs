@@ -15,9 +15,8 @@ use trackcheck_guests::layout::data_page;
 use trackcheck_guests::program::splitmix64;
 use trackcheck_guests::{Op, Program, Thread};
 use trackcheck_harness::machine::{Machine, VcpuState};
-use trackcheck_harness::oracle::{LostPage, Shadow};
-use trackcheck_harness::track::{PageSet, Step, TrackError, Tracker, harvest};
 
+use super::content::{ContentOracle, KvmPage};
 use super::{Findings, TrialError, TrialTracker, check_mode};
 use crate::spec::TrialSpec;
 
@@ -107,90 +106,6 @@ fn program(seed: u64) -> Program {
     Program::new(PAGES, threads)
 }
 
-/// The content oracle across harvests.
-struct Checker {
-    shadow: Shadow,
-    out: PageSet,
-    round: u32,
-    findings: Findings,
-}
-
-impl Checker {
-    /// One harvest: at its collect, every page that differs from the shadow must be reported;
-    /// the copy step copies what was. Returns the pages that had changed.
-    fn harvest(
-        &mut self,
-        m: &mut Machine,
-        tracker: &mut dyn Tracker,
-    ) -> Result<Vec<u64>, TrialError> {
-        self.round += 1;
-        self.out.clear();
-        let layout = m.data_layout();
-        let (shadow, findings, round) = (&mut self.shadow, &mut self.findings, self.round);
-        let mut changed = Vec::new();
-        harvest(
-            tracker,
-            m,
-            &mut self.out,
-            |step, m: &mut Machine, out| -> Result<(), TrackError> {
-                match step {
-                    Step::Collect => {
-                        for mm in shadow.compare(m.data()) {
-                            changed.push(mm.data_page);
-                            let reported = layout
-                                .locate(mm.data_page)
-                                .is_some_and(|(slot, page)| out.contains(slot, page));
-                            if reported {
-                                continue;
-                            }
-                            if let Some(area) =
-                                areas().into_iter().find(|a| a.page() == mm.data_page)
-                            {
-                                findings.problems.push(format!(
-                                "{} (data page {}) changed by KVM but not reported by round {round}",
-                                area.name(),
-                                mm.data_page
-                            ));
-                                findings.report.add_lost(LostPage::at(
-                                    &layout,
-                                    mm.data_page,
-                                    area.vcpu(),
-                                    0,
-                                    round,
-                                ));
-                            } else {
-                                findings.report.add_lost(LostPage::at(
-                                    &layout,
-                                    mm.data_page,
-                                    mm.vcpu(),
-                                    mm.seq(),
-                                    round,
-                                ));
-                            }
-                        }
-                        let reported = out.len();
-                        findings.report.reported += reported;
-                        findings.report.written += changed.len() as u64;
-                        let unchanged = reported.saturating_sub(changed.len() as u64);
-                        if unchanged > 0 {
-                            *findings
-                                .report
-                                .allowed
-                                .entry("unchanged-content".into())
-                                .or_default() += unchanged;
-                        }
-                    }
-                    Step::Copy => shadow.copy(m.data(), out),
-                    Step::Rearm => {}
-                }
-                Ok(())
-            },
-        )?;
-        self.findings.report.rounds = self.round;
-        Ok(changed)
-    }
-}
-
 pub(super) fn run(
     spec: &TrialSpec,
     seed: u64,
@@ -202,12 +117,15 @@ pub(super) fn run(
     m.load(&program)?;
     let stats_before = m.vcpu_stats();
     m.attach(tracker)?;
-    let mut checker = Checker {
-        shadow: Shadow::new(m.data_layout(), m.data()),
-        out: PageSet::new(),
-        round: 0,
-        findings: Findings::default(),
-    };
+    let kvm_pages = areas()
+        .into_iter()
+        .map(|a| KvmPage {
+            page: a.page(),
+            name: a.name(),
+            vcpu: a.vcpu(),
+        })
+        .collect();
+    let mut checker = ContentOracle::new(&m, kvm_pages);
     checker.harvest(&mut m, tracker)?; // baseline
     for v in 0..VCPUS {
         let set = m.set_msrs(

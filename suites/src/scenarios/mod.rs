@@ -2,10 +2,12 @@
 //! programs, and returns what the oracle found.
 
 mod concurrent;
+mod content;
 mod crosscheck;
 mod geometry;
 mod huge;
 mod kvm_writes;
+mod memslot;
 mod property;
 pub(crate) mod stepped;
 
@@ -156,6 +158,7 @@ pub fn data_pages(scenario: &Scenario) -> u64 {
         Scenario::PropPrograms | Scenario::PropInterleavings => property::PAGES,
         Scenario::Huge { path } => huge::shape(*path).1,
         Scenario::KvmWrites => kvm_writes::PAGES,
+        Scenario::Memslot { op } => memslot::data_pages(*op),
     }
 }
 
@@ -260,6 +263,7 @@ pub fn run(spec: &TrialSpec, seed: u64) -> Result<Findings, TrialError> {
         Scenario::PropInterleavings => property::interleavings(spec, seed)?,
         Scenario::Huge { path } => huge::run(spec, path, seed, &mut tracker)?,
         Scenario::KvmWrites => kvm_writes::run(spec, seed, &mut tracker)?,
+        Scenario::Memslot { op } => memslot::run(spec, op, seed, &mut tracker)?,
     };
     findings.affected = tracker.affected();
     Ok(findings)

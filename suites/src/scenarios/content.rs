@@ -1,0 +1,180 @@
+//! The content oracle, for stepped runs where writes come from more than the guest program
+//! (KVM's own writes) or memslots change under the tracker (deleted and restored slots).
+//!
+//! At every collect the vCPUs are stopped, so nothing writes: each data page whose content
+//! differs from the shadow copy must be in the collected set, or the write that changed it is
+//! lost (named by the stamp in memory, or as a write KVM made). The copy step copies what was
+//! reported. Pages of a deleted slot are not judged (to a VMM that memory is gone); a restored
+//! slot is copied whole, as the VMM copies new memory, and judged again from then on.
+
+use std::collections::BTreeSet;
+
+use trackcheck_harness::machine::Machine;
+use trackcheck_harness::oracle::{DataLayout, LostPage, Shadow};
+use trackcheck_harness::track::{PageSet, Step, TrackError, Tracker, harvest};
+
+use super::{Findings, TrialError};
+
+/// A data page KVM writes itself, for naming a lost write there.
+#[derive(Clone, Debug)]
+pub(super) struct KvmPage {
+    /// Data page.
+    pub page: u64,
+    /// What it holds ("kvmclock area of vCPU 0").
+    pub name: String,
+    /// The vCPU KVM writes it for.
+    pub vcpu: usize,
+}
+
+/// See the module documentation.
+pub(super) struct ContentOracle {
+    shadow: Shadow,
+    out: PageSet,
+    /// Harvests so far (the baseline is round 1).
+    pub round: u32,
+    /// What was found.
+    pub findings: Findings,
+    /// Deleted slots: not judged.
+    gone: BTreeSet<u32>,
+    kvm_pages: Vec<KvmPage>,
+}
+
+impl ContentOracle {
+    /// Start from the data region as it is now.
+    pub fn new(m: &Machine, kvm_pages: Vec<KvmPage>) -> Self {
+        Self {
+            shadow: Shadow::new(m.data_layout(), m.data()),
+            out: PageSet::new(),
+            round: 0,
+            findings: Findings::default(),
+            gone: BTreeSet::new(),
+            kvm_pages,
+        }
+    }
+
+    /// Pages of `slot` that changed since their last copy.
+    pub fn pending(&self, m: &Machine, slot: u32) -> usize {
+        let layout = m.data_layout();
+        self.shadow
+            .compare(m.data())
+            .iter()
+            .filter(|mm| layout.locate(mm.data_page).is_some_and(|(s, _)| s == slot))
+            .count()
+    }
+
+    /// Stop judging `slot` (deleted).
+    pub fn forget_slot(&mut self, slot: u32) {
+        self.gone.insert(slot);
+    }
+
+    /// `slot` is back: copy it whole and judge it again.
+    pub fn restore_slot(&mut self, m: &Machine, slot: u32) {
+        self.gone.remove(&slot);
+        let layout = m.data_layout();
+        let mut all = PageSet::new();
+        for e in layout.extents.iter().filter(|e| e.slot == slot) {
+            for page in 0..e.pages {
+                all.insert(slot, page);
+            }
+        }
+        self.shadow.copy(m.data(), &all);
+    }
+
+    /// One harvest in the tracker's order; returns the data pages that had changed since the
+    /// last copy.
+    pub fn harvest(
+        &mut self,
+        m: &mut Machine,
+        tracker: &mut dyn Tracker,
+    ) -> Result<Vec<u64>, TrialError> {
+        self.round += 1;
+        self.out.clear();
+        let layout = m.data_layout();
+        let round = self.round;
+        let (shadow, findings, gone, kvm_pages) = (
+            &mut self.shadow,
+            &mut self.findings,
+            &self.gone,
+            &self.kvm_pages,
+        );
+        let mut changed = Vec::new();
+        harvest(
+            tracker,
+            m,
+            &mut self.out,
+            |step, m: &mut Machine, out| -> Result<(), TrackError> {
+                match step {
+                    Step::Collect => {
+                        changed = judge(&layout, shadow, m, out, gone, kvm_pages, round, findings);
+                    }
+                    Step::Copy => shadow.copy(m.data(), out),
+                    Step::Rearm => {}
+                }
+                Ok(())
+            },
+        )?;
+        self.findings.report.rounds = self.round;
+        Ok(changed)
+    }
+}
+
+/// Judge one collect: every changed page of a live slot must be in `out`.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the oracle's parts, borrowed apart for the harvest's callback"
+)]
+fn judge(
+    layout: &DataLayout,
+    shadow: &Shadow,
+    m: &Machine,
+    out: &PageSet,
+    gone: &BTreeSet<u32>,
+    kvm_pages: &[KvmPage],
+    round: u32,
+    findings: &mut Findings,
+) -> Vec<u64> {
+    let mut changed = Vec::new();
+    let mut changed_reported = 0u64;
+    for mm in shadow.compare(m.data()) {
+        let Some((slot, page)) = layout.locate(mm.data_page) else {
+            continue;
+        };
+        if gone.contains(&slot) {
+            continue;
+        }
+        changed.push(mm.data_page);
+        if out.contains(slot, page) {
+            changed_reported += 1;
+            continue;
+        }
+        if let Some(k) = kvm_pages.iter().find(|k| k.page == mm.data_page) {
+            findings.problems.push(format!(
+                "{} (data page {}) changed by KVM but not reported by round {round}",
+                k.name, mm.data_page
+            ));
+            findings
+                .report
+                .add_lost(LostPage::at(layout, mm.data_page, k.vcpu, 0, round));
+        } else {
+            findings.report.add_lost(LostPage::at(
+                layout,
+                mm.data_page,
+                mm.vcpu(),
+                mm.seq(),
+                round,
+            ));
+        }
+    }
+    let reported = out.len();
+    findings.report.reported += reported;
+    findings.report.written += changed.len() as u64;
+    let unchanged = reported.saturating_sub(changed_reported);
+    if unchanged > 0 {
+        *findings
+            .report
+            .allowed
+            .entry("unchanged-content".into())
+            .or_default() += unchanged;
+    }
+    changed
+}
