@@ -166,3 +166,22 @@ mod tests {
         assert!("3k".parse::<GuestPageSize>().is_err());
     }
 }
+
+/// Where the guest's leaf page-table entries for the data region are, when the machine puts
+/// them where the guest can write them (page-table ops need this): contiguous 8-byte entries
+/// from `gva` on, one per `page`-sized mapping of the data region, in data-page order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeafEntries {
+    /// Guest-virtual address of the entry mapping data page 0.
+    pub gva: u64,
+    /// Size each entry maps.
+    pub page: GuestPageSize,
+}
+
+impl LeafEntries {
+    /// Guest-virtual address of the entry that maps data page `page`.
+    #[must_use]
+    pub const fn of(&self, page: u64) -> u64 {
+        self.gva + page / (self.page.bytes() / PAGE_SIZE) * 8
+    }
+}

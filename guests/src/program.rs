@@ -73,6 +73,24 @@ pub enum Op {
     Done,
     /// Misbehave on purpose (watchdog tests); the thread never gets past this op.
     Misbehave(Misbehaviour),
+    /// Clear the accessed and dirty bits of the guest's own leaf page-table entry that maps
+    /// data page `page` (a 2 MiB entry covers its whole region). Needs a machine that puts the
+    /// data region's page tables where the guest can write them. A `Sync` must follow before
+    /// the thread touches data again: the host flushes the guest's TLB there.
+    ClearAd {
+        /// Data page whose mapping is changed.
+        page: u64,
+    },
+    /// Point the guest's 4 KiB mapping of data page `page` at the physical page of data page
+    /// `to`, with its accessed and dirty bits clear: later accesses to `page` land in `to`. Single-vCPU programs only (the page tables
+    /// are shared by every vCPU); a `Sync` must follow before the next data access, as for
+    /// [`Op::ClearAd`].
+    Remap {
+        /// Data page whose mapping is changed.
+        page: u64,
+        /// Data page whose physical page it maps from now on.
+        to: u64,
+    },
 }
 
 /// What a loop does on each page it visits.
@@ -291,6 +309,26 @@ pub enum ProgramError {
         /// Previous sync's number (0 if none).
         previous: u32,
     },
+    /// A page-table op must be followed by a `Sync` before the next data access.
+    #[error(
+        "vCPU {vcpu} op {op}: the page-table change at op {pte_op} needs a Sync before this data access (the host flushes the guest's TLB there)"
+    )]
+    UnflushedPageTable {
+        /// Thread.
+        vcpu: usize,
+        /// The data access.
+        op: usize,
+        /// The page-table op.
+        pte_op: usize,
+    },
+    /// `Remap` in a program with more than one thread.
+    #[error("vCPU {vcpu} op {op}: remap needs a single-vCPU program (page tables are shared)")]
+    SharedRemap {
+        /// Thread.
+        vcpu: usize,
+        /// Op index in the thread.
+        op: usize,
+    },
     /// Ops after `Done` or a misbehaviour can never run.
     #[error("vCPU {vcpu} op {op}: unreachable, the thread ends at op {end}")]
     Unreachable {
@@ -341,6 +379,8 @@ impl Program {
     fn validate_thread(&self, vcpu: usize, thread: &Thread) -> Result<(), ProgramError> {
         let mut last_sync = 0;
         let mut end: Option<usize> = None;
+        // The last page-table op not yet followed by a sync.
+        let mut unflushed: Option<usize> = None;
         for (op_index, op) in thread.ops.iter().enumerate() {
             if let Some(end) = end {
                 return Err(ProgramError::Unreachable {
@@ -379,10 +419,31 @@ impl Program {
                     what,
                 })
             };
+            let flushed = |unflushed: Option<usize>| match unflushed {
+                Some(pte_op) => Err(ProgramError::UnflushedPageTable {
+                    vcpu,
+                    op: op_index,
+                    pte_op,
+                }),
+                None => Ok(()),
+            };
             match op {
                 Op::Write { page, offset } | Op::Read { page, offset } => {
+                    flushed(unflushed)?;
                     page_check(*page)?;
                     offset_check(*offset)?;
+                }
+                Op::ClearAd { page } => {
+                    page_check(*page)?;
+                    unflushed = Some(op_index);
+                }
+                Op::Remap { page, to } => {
+                    if self.vcpus.len() > 1 {
+                        return Err(ProgramError::SharedRemap { vcpu, op: op_index });
+                    }
+                    page_check(*page)?;
+                    page_check(*to)?;
+                    unflushed = Some(op_index);
                 }
                 Op::Loop {
                     pages,
@@ -390,6 +451,7 @@ impl Program {
                     repeat,
                     ..
                 } => {
+                    flushed(unflushed)?;
                     offset_check(*offset)?;
                     if pages.is_empty() {
                         return bad_loop("loop visits no page".into());
@@ -421,8 +483,12 @@ impl Program {
                         });
                     }
                     last_sync = *n;
+                    unflushed = None;
                 }
-                Op::Done | Op::Misbehave(_) => end = Some(op_index),
+                Op::Done | Op::Misbehave(_) => {
+                    flushed(unflushed)?;
+                    end = Some(op_index);
+                }
             }
         }
         Ok(())
@@ -496,6 +562,8 @@ impl fmt::Display for Op {
             Self::Sync(n) => write!(f, "sync {n}"),
             Self::Done => f.write_str("done"),
             Self::Misbehave(m) => write!(f, "misbehave: {m:?}"),
+            Self::ClearAd { page } => write!(f, "clear A/D of page {page}'s mapping"),
+            Self::Remap { page, to } => write!(f, "remap page {page} to page {to}"),
         }
     }
 }
@@ -516,6 +584,47 @@ mod tests {
         assert_eq!(sorted, (10..110).collect::<Vec<_>>());
         assert_ne!(a, shuffle(10, 100, 2));
         assert_eq!(a, shuffle(10, 100, 1));
+    }
+
+    #[test]
+    fn page_table_ops_need_a_sync_before_the_next_access_and_remap_one_vcpu() {
+        assert!(
+            one(vec![
+                Op::Remap { page: 1, to: 9 },
+                Op::ClearAd { page: 2 },
+                Op::Sync(1),
+                Op::Write { page: 1, offset: 0 },
+            ])
+            .validate()
+            .is_ok()
+        );
+        assert!(matches!(
+            one(vec![
+                Op::ClearAd { page: 2 },
+                Op::Read { page: 2, offset: 0 }
+            ])
+            .validate(),
+            Err(ProgramError::UnflushedPageTable {
+                op: 1,
+                pte_op: 0,
+                ..
+            })
+        ));
+        assert!(matches!(
+            one(vec![Op::Remap { page: 1, to: 16 }, Op::Sync(1)]).validate(),
+            Err(ProgramError::PageOutOfRange { page: 16, .. })
+        ));
+        let two = Program::new(
+            16,
+            vec![
+                Thread::new(vec![Op::Remap { page: 1, to: 2 }, Op::Sync(1)]),
+                Thread::new(vec![]),
+            ],
+        );
+        assert!(matches!(
+            two.validate(),
+            Err(ProgramError::SharedRemap { vcpu: 0, op: 0 })
+        ));
     }
 
     #[test]

@@ -62,10 +62,14 @@ pub enum Event {
 
 /// Iterator over the events of one thread. Infinite when the thread has a
 /// `Repeat::UntilStopped` loop (the host decides how much of it ran) or misbehaves.
+/// Page-table ops produce no event; after `Remap`, events name the data page an access really
+/// lands in.
 #[derive(Debug, Clone)]
 pub struct ThreadEvents<'a> {
     ops: &'a [Op],
     op: usize,
+    /// Remapped data pages: page -> the data page it maps now.
+    remapped: std::collections::BTreeMap<u64, u64>,
     /// Position inside the current loop: (pass, page index within the pass).
     in_loop: Option<(u64, u64)>,
     /// Materialised table of the current loop (shuffles), to avoid recomputing per page.
@@ -87,6 +91,7 @@ impl<'a> ThreadEvents<'a> {
         Self {
             ops: &thread.ops,
             op: 0,
+            remapped: std::collections::BTreeMap::new(),
             in_loop: None,
             table: None,
             seq: seq_base,
@@ -95,6 +100,7 @@ impl<'a> ThreadEvents<'a> {
     }
 
     fn write_or_read(&mut self, access: Access, page: u64, offset: u16) -> Event {
+        let page = self.remapped.get(&page).copied().unwrap_or(page);
         match access {
             Access::Write => {
                 self.seq += 1;
@@ -130,6 +136,19 @@ impl Iterator for ThreadEvents<'_> {
             return Some(Event::Done { last_seq: self.seq });
         };
         match op {
+            Op::ClearAd { .. } => {
+                self.op += 1;
+                self.next()
+            }
+            Op::Remap { page, to } => {
+                self.op += 1;
+                if page == to {
+                    self.remapped.remove(page);
+                } else {
+                    self.remapped.insert(*page, *to);
+                }
+                self.next()
+            }
             Op::Write { page, offset } => {
                 self.op += 1;
                 Some(self.write_or_read(Access::Write, *page, *offset))
@@ -416,6 +435,30 @@ mod tests {
             "stopped right after write 12"
         );
         assert_eq!(writes_through(&mut events, 15), Err(13));
+    }
+
+    #[test]
+    fn writes_after_a_remap_land_in_the_page_it_maps() {
+        let thread = Thread::new(vec![
+            Op::Write { page: 1, offset: 0 },
+            Op::Remap { page: 1, to: 7 },
+            Op::ClearAd { page: 3 },
+            Op::Sync(1),
+            Op::Write { page: 1, offset: 8 },
+            Op::Remap { page: 1, to: 1 },
+            Op::Sync(2),
+            Op::Write {
+                page: 1,
+                offset: 16,
+            },
+        ]);
+        let writes: Vec<(u64, u16)> = ThreadEvents::new(&thread)
+            .filter_map(|e| match e {
+                Event::Write { page, offset, .. } => Some((page, offset)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(writes, vec![(1, 0), (7, 8), (1, 16)]);
     }
 
     #[test]

@@ -13,14 +13,15 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use trackcheck_guests::layout::LeafEntries;
 use trackcheck_guests::layout::{
     CONTROL_GPA, DATA_GPA, DOORBELL_GPA, HUGE_2M, MAX_DATA_PAGES, MAX_SYSTEM_BYTES, MAX_VCPUS,
     PAGE_SIZE, SYSTEM_GPA, control,
 };
-use trackcheck_guests::x86_64::{CompileError, Compiled, compile, decode_one};
+use trackcheck_guests::x86_64::{CompileError, Compiled, compile_with, decode_one};
 use trackcheck_guests::{GuestPageSize, Program};
 
-use crate::arch::{self, Entry, Mapping, PageTableError, PageTables};
+use crate::arch::{self, Entry, LeafArea, Mapping, PageTableError, PageTables};
 use crate::host::{self, BackendKind};
 use crate::memory::{Backing, GuestMemory, MemoryError};
 use crate::mode::{self, ExecutionMode, ModeEvidence, ModePlan};
@@ -62,6 +63,11 @@ pub struct MachineConfig {
     /// Split the data region into memslots of these many pages (in order, summing to
     /// `data_pages`; ids `DATA_SLOT`, `DATA_SLOT + 1`, ...). Empty: one slot.
     pub data_slot_pages: Vec<u64>,
+    /// Put the page tables that map the data region (its leaf tables) in the last pages of the
+    /// data region itself: tracked memory the guest can write (page-table ops), with the
+    /// entries' accessed and dirty bits starting clear, so KVM sets them. Programs then get the
+    /// data pages before the tables (see [`Machine::program_pages`]).
+    pub tables_in_data: bool,
 }
 
 impl Default for MachineConfig {
@@ -77,6 +83,7 @@ impl Default for MachineConfig {
             populate: true,
             dirty_ring: None,
             data_slot_pages: Vec::new(),
+            tables_in_data: false,
         }
     }
 }
@@ -295,6 +302,9 @@ fn enable_dirty_ring(vm: &Vm, bytes: u32) -> Result<(), MachineError> {
     })
 }
 
+/// Page-table pages kept in the data region: (byte offset in the region, bytes as built).
+type TableBytes = Vec<(u64, Vec<u8>)>;
+
 /// A VM with the trackcheck guest layout.
 #[derive(Debug)]
 pub struct Machine {
@@ -309,6 +319,9 @@ pub struct Machine {
     vm: Vm,
     /// The data region's host memory (all data slots are parts of it).
     data: Arc<GuestMemory>,
+    /// With `tables_in_data`: where the guest's leaf entries for the data region are, and the
+    /// tables' bytes as built (offset in the data region, bytes), restored by `reset`.
+    leaf: Option<(LeafEntries, TableBytes)>,
     /// Data slots deleted by [`Machine::delete_data_slot`], to be restored.
     removed: BTreeMap<u32, Memslot>,
     compiled: Vec<Compiled>,
@@ -432,7 +445,31 @@ impl Machine {
             rw(CONTROL_GPA, vcpus_bytes),
             rw(DOORBELL_GPA, PAGE_SIZE),
         ];
-        mappings.extend(data_mappings(config.data_pages, config.guest_page_size));
+        let data_maps = data_mappings(config.data_pages, config.guest_page_size);
+        let leaf_area = if config.tables_in_data {
+            let [data_map] = data_maps.as_slice() else {
+                return Err(MachineError::Config(format!(
+                    "page tables in the data region need {} data pages in whole {} guest pages",
+                    config.data_pages,
+                    config.guest_page_size.name()
+                )));
+            };
+            let pages = LeafArea::pages(data_map);
+            if pages >= config.data_pages {
+                return Err(MachineError::Config(format!(
+                    "{} data pages leave no room for data next to their {pages} table pages",
+                    config.data_pages
+                )));
+            }
+            Some(LeafArea {
+                mapping: mappings.len(),
+                gpa: DATA_GPA + (config.data_pages - pages) * PAGE_SIZE,
+                preset_ad: false,
+            })
+        } else {
+            None
+        };
+        mappings.extend(data_maps);
         let table_pages = PageTables::pages_needed(&mappings);
         let tables = code + code_capacity;
         let bytes = (tables + table_pages * PAGE_SIZE - SYSTEM_GPA).div_ceil(HUGE_2M) * HUGE_2M;
@@ -449,13 +486,18 @@ impl Machine {
             table_pages,
             bytes,
         };
-        let pt = PageTables::build(&mappings, tables, table_pages, true)?;
+        let pt = PageTables::build_with(&mappings, tables, table_pages, true, leaf_area)?;
 
         let mut vm = vm;
         let system = GuestMemory::new(Backing::Anon, bytes)?;
+        let mut data_tables = Vec::new();
         for (gpa, entries) in &pt.tables {
             let raw: Vec<u8> = entries.iter().flat_map(|e| e.to_le_bytes()).collect();
-            system.write(gpa - SYSTEM_GPA, &raw);
+            if *gpa >= DATA_GPA {
+                data_tables.push((gpa - DATA_GPA, raw));
+            } else {
+                system.write(gpa - SYSTEM_GPA, &raw);
+            }
         }
         vm.add_slot(SYSTEM_SLOT, SYSTEM_GPA, system, None, 0)?;
         let control_mem = GuestMemory::new(Backing::Anon, vcpus_bytes)?;
@@ -468,6 +510,18 @@ impl Machine {
         if config.populate {
             data.populate()?;
         }
+        for (offset, raw) in &data_tables {
+            data.write(*offset, raw);
+        }
+        let leaf = leaf_area.map(|l| {
+            (
+                LeafEntries {
+                    gva: l.gpa,
+                    page: config.guest_page_size,
+                },
+                data_tables,
+            )
+        });
         for (i, (first, pages)) in data_extents(&config)?.into_iter().enumerate() {
             let id = DATA_SLOT + u32::try_from(i).unwrap_or(u32::MAX);
             vm.add_slot_shared(
@@ -509,6 +563,7 @@ impl Machine {
             vcpus,
             vm,
             data,
+            leaf,
             removed: BTreeMap::new(),
             compiled: Vec::new(),
             program: None,
@@ -798,17 +853,19 @@ impl Machine {
                 self.config.vcpus
             )));
         }
-        if program.data_pages > self.config.data_pages {
+        if program.data_pages > self.program_pages() {
             return Err(MachineError::Program(format!(
-                "{} data pages for a {}-page data region",
-                program.data_pages, self.config.data_pages
+                "{} data pages for a {}-page data region ({} of them for programs)",
+                program.data_pages,
+                self.config.data_pages,
+                self.program_pages()
             )));
         }
         let mut compiled = Vec::with_capacity(program.vcpu_count());
         let mut at = self.layout.code;
         let end = self.layout.code + self.layout.code_capacity;
         for vcpu in 0..program.vcpu_count() {
-            let c = compile(program, vcpu, at)?;
+            let c = compile_with(program, vcpu, at, self.leaf.as_ref().map(|(l, _)| *l))?;
             let next = (at + c.bytes.len() as u64).div_ceil(PAGE_SIZE) * PAGE_SIZE;
             if next > end {
                 return Err(MachineError::Program(format!(
@@ -854,11 +911,42 @@ impl Machine {
         Ok(())
     }
 
-    /// Zero the data region and restart (the program stays loaded).
+    /// Zero the data region (page tables kept there are rebuilt) and restart (the program
+    /// stays loaded).
     pub fn reset(&mut self) -> Result<(), MachineError> {
         let data = self.data();
         data.zero(0, data.len());
+        if let Some((_, tables)) = &self.leaf {
+            for (offset, raw) in tables {
+                data.write(*offset, raw);
+            }
+            self.reset_guest_mmu()?;
+        }
         self.restart()
+    }
+
+    /// Data pages a program may use: all of them, or those before the page tables when they
+    /// live in the data region.
+    #[must_use]
+    pub fn program_pages(&self) -> u64 {
+        self.leaf.as_ref().map_or(self.config.data_pages, |(l, _)| {
+            (l.gva - DATA_GPA) / PAGE_SIZE
+        })
+    }
+
+    /// Where the guest's leaf entries for the data region are, when they live in the data
+    /// region.
+    #[must_use]
+    pub fn leaf_entries(&self) -> Option<LeafEntries> {
+        self.leaf.as_ref().map(|(l, _)| *l)
+    }
+
+    /// The guest's leaf entry that maps data page `page` now (with the tables in the data
+    /// region; None otherwise).
+    #[must_use]
+    pub fn leaf_entry(&self, page: u64) -> Option<u64> {
+        let (l, _) = self.leaf.as_ref()?;
+        Some(self.data.read_u64(l.of(page) - DATA_GPA))
     }
 
     /// Run every ready vCPU to its next stop. Returns (vCPU, stop) for each that ran; if any

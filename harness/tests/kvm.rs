@@ -544,6 +544,61 @@ fn data_slots(mode: ExecutionMode) -> Check {
     check_memory(&m, &again)
 }
 
+/// The data region's page tables in the data region: the guest clears A/D bits and remaps a
+/// page; after the host's flush its accesses use the new entries and set their bits; `reset`
+/// rebuilds the tables.
+fn guest_page_tables(mode: ExecutionMode) -> Check {
+    use trackcheck_harness::arch::pte;
+    let mut m = Machine::new(MachineConfig {
+        vcpus: 1,
+        data_pages: 1024,
+        mode,
+        tables_in_data: true,
+        ..MachineConfig::default()
+    })?;
+    ensure(m.program_pages() == 1022, || {
+        format!("{} program pages", m.program_pages())
+    })?;
+    let fresh = m.leaf_entry(3).ok_or("no leaf entries")?;
+    ensure(fresh & (pte::A | pte::D) == 0, || {
+        format!("entries start with A/D set: {fresh:#x}")
+    })?;
+    let program = Program::new(
+        m.program_pages(),
+        vec![Thread::new(vec![
+            Op::Write { page: 3, offset: 0 },
+            Op::Write { page: 5, offset: 0 },
+            Op::Sync(1),
+            Op::ClearAd { page: 3 },
+            Op::Remap { page: 5, to: 900 },
+            Op::Sync(2),
+            Op::Read { page: 3, offset: 0 },
+            Op::Write { page: 5, offset: 8 },
+        ])],
+    );
+    m.load(&program)?;
+    m.run()?;
+    let written = m.leaf_entry(3).unwrap_or(0);
+    ensure(written & (pte::A | pte::D) == pte::A | pte::D, || {
+        format!("a written page's entry lacks A/D: {written:#x}")
+    })?;
+    m.run()?;
+    m.reset_guest_mmu()?;
+    m.run_to_completion()?;
+    let read = m.leaf_entry(3).unwrap_or(0);
+    ensure(read & (pte::A | pte::D) == pte::A, || {
+        format!("a read page's entry after the clear: {read:#x}")
+    })?;
+    ensure(
+        m.data().read_u64(900 * PAGE_SIZE + 8) != 0 && m.data().read_u64(5 * PAGE_SIZE + 8) == 0,
+        || "the write after the remap did not land in page 900".into(),
+    )?;
+    m.reset()?;
+    ensure(m.leaf_entry(5) == Some(fresh + 2 * PAGE_SIZE), || {
+        format!("reset left entry {:#x?}", m.leaf_entry(5))
+    })
+}
+
 fn read_pool(kib: u64) -> Result<u64, Failed> {
     let path = hugetlb_pool_file(kib, "nr_hugepages");
     let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -677,6 +732,11 @@ fn kvm_trials(host: &HostProfile) -> Vec<Trial> {
             format!("machine::data_slots::{mode}"),
             skip.clone(),
             Box::new(move || data_slots(mode)),
+        );
+        add(
+            format!("machine::guest_page_tables::{mode}"),
+            skip.clone(),
+            Box::new(move || guest_page_tables(mode)),
         );
         for what in [
             Misbehaviour::Hang,

@@ -7,7 +7,7 @@ use trackcheck_harness::track::inject::Fault;
 use trackcheck_harness::track::{ClearGranularity, TrackerSpec};
 use trackcheck_harness::{Backing, ExecutionMode};
 
-use crate::spec::{HugePath, Pattern, Scenario, SlotOp, TrialSpec};
+use crate::spec::{AccessKind, HugePath, Pattern, Scenario, SlotOp, TablesCase, TrialSpec};
 
 /// Ring sizes tried: the smallest (constant ring-full exits) and 1 MiB.
 pub const RING_SIZES: [u32; 2] = [4096, 1 << 20];
@@ -144,6 +144,37 @@ pub fn matrix() -> Vec<TrialSpec> {
                 mode,
             ));
             out.push(spec(tracker, Scenario::KvmWrites, Backing::Anon, mode));
+            for case in [
+                TablesCase::Ad4K,
+                TablesCase::Ad2M,
+                TablesCase::Remap,
+                TablesCase::Guest1G,
+            ] {
+                out.push(spec(
+                    tracker,
+                    Scenario::GuestTables { case },
+                    Backing::Anon,
+                    mode,
+                ));
+            }
+            for kind in [AccessKind::GuestAd, AccessKind::GuestAdNoFlush] {
+                out.push(spec(
+                    tracker,
+                    Scenario::Access { kind },
+                    Backing::Anon,
+                    mode,
+                ));
+            }
+            if tracker == TrackerSpec::DirtyLog && mode == ExecutionMode::Native {
+                for kind in [AccessKind::PageIdle, AccessKind::Damon] {
+                    out.push(spec(
+                        tracker,
+                        Scenario::Access { kind },
+                        Backing::Anon,
+                        mode,
+                    ));
+                }
+            }
             for op in [
                 SlotOp::Toggle,
                 SlotOp::Move,
@@ -191,6 +222,18 @@ pub fn selftests() -> Vec<TrialSpec> {
                 Backing::Thp,
             ),
             (Scenario::KvmWrites, Backing::Anon),
+            (
+                Scenario::GuestTables {
+                    case: TablesCase::Remap,
+                },
+                Backing::Anon,
+            ),
+            (
+                Scenario::Access {
+                    kind: AccessKind::GuestAd,
+                },
+                Backing::Anon,
+            ),
             (Scenario::Memslot { op: SlotOp::Delete }, Backing::Anon),
             (Scenario::Memslot { op: SlotOp::Move }, Backing::Anon),
             (Scenario::Memslot { op: SlotOp::Toggle }, Backing::Anon),

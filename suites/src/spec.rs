@@ -113,6 +113,65 @@ impl SlotOp {
     }
 }
 
+/// What a [`Scenario::GuestTables`] trial does with the guest's own page tables (family 8).
+/// The tables that map the data region live in tracked memory the guest can write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "case")]
+pub enum TablesCase {
+    /// Stepped rounds over 4 KiB guest pages: KVM sets the entries' accessed and dirty bits,
+    /// so the page-table pages change and must be reported.
+    Ad4K,
+    /// The same over 2 MiB guest pages.
+    Ad2M,
+    /// One vCPU rewrites its own entries, pointing data pages at other physical pages and
+    /// back between rounds, then writes through them (on a shadow MMU: the unsync/sync path).
+    Remap,
+    /// Stepped rounds over 1 GiB guest pages (where the guest CPU offers them).
+    Guest1G,
+}
+
+impl TablesCase {
+    /// Name in trial names.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Ad4K => "gpt-ad-4k",
+            Self::Ad2M => "gpt-ad-2m",
+            Self::Remap => "gpt-remap",
+            Self::Guest1G => "gpt-guest-1g",
+        }
+    }
+}
+
+/// Which access-tracking path a [`Scenario::Access`] trial checks (family 10).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum AccessKind {
+    /// The guest clears the accessed/dirty bits of its entries, the host flushes its TLB (the
+    /// guest cannot), the guest reads and writes pages: every page accessed must have A set,
+    /// every page written D, while the dirty tracker harvests in between.
+    GuestAd,
+    /// The same without the host's flush: misses are measured, not asserted.
+    GuestAdNoFlush,
+    /// /sys/kernel/mm/page_idle/bitmap.
+    PageIdle,
+    /// DAMON, with a kdamond the suite creates itself.
+    Damon,
+}
+
+impl AccessKind {
+    /// Name in trial names.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::GuestAd => "access-guest-ad",
+            Self::GuestAdNoFlush => "access-guest-ad-noflush",
+            Self::PageIdle => "access-page-idle",
+            Self::Damon => "access-damon",
+        }
+    }
+}
+
 /// A scenario family and its parameters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "family")]
@@ -149,6 +208,16 @@ pub enum Scenario {
     /// Writes KVM makes itself (family 9): kvmclock and steal time in tracked memory, and
     /// nothing written after the vCPUs are paused.
     KvmWrites,
+    /// The guest's own page tables in tracked memory (family 8).
+    GuestTables {
+        /// What is done with them.
+        case: TablesCase,
+    },
+    /// Access tracking (family 10).
+    Access {
+        /// Which path.
+        kind: AccessKind,
+    },
     /// Memslot operations while tracking (family 7).
     Memslot {
         /// Which operation.
@@ -181,6 +250,8 @@ impl Scenario {
             Self::Huge { path } => path.name(),
             Self::KvmWrites => "kvm-writes".into(),
             Self::Memslot { op } => op.name().into(),
+            Self::GuestTables { case } => case.name().into(),
+            Self::Access { kind } => kind.name().into(),
             Self::PropInterleavings => "proptest-interleavings".into(),
         }
     }
@@ -199,6 +270,8 @@ impl Scenario {
             Self::Huge { .. } => "huge",
             Self::KvmWrites => "kvm-writes",
             Self::Memslot { .. } => "memslot",
+            Self::GuestTables { .. } => "guest-tables",
+            Self::Access { .. } => "access",
         }
     }
 
@@ -211,6 +284,12 @@ impl Scenario {
                 "the interleavings build a tracker per case and drive it step by step; inject \
                  into proptest-programs instead",
             ),
+            (
+                Self::Access {
+                    kind: AccessKind::PageIdle | AccessKind::Damon,
+                },
+                _,
+            ) => Err("this access trial checks access bits, not a dirty tracker's report"),
             (Self::Race, _) | (_, Fault::DropPage) => Ok(()),
             (
                 Self::Concurrent { .. }
@@ -247,6 +326,10 @@ impl Scenario {
                 | Self::Memslot { .. },
                 Fault::SkipRearm,
             ) => Ok(()),
+            (Self::GuestTables { .. } | Self::Access { .. }, Fault::SkipRearm) => Err(
+                "the host resets the guest's MMU at every sync point, so a page a skipped rearm \
+                 left writable faults again and is logged: nothing need be lost",
+            ),
         }
     }
 }

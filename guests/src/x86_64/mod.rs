@@ -28,7 +28,10 @@ use iced_x86::code_asm::{
     qword_ptr, r11, r12, r13, r14, r15, rax, rcx, rdi, rdx, rsi,
 };
 
-use crate::layout::{DATA_GPA, DOORBELL_GPA, PAGE_SIZE, UNMAPPED_GVA, control, control_page};
+use crate::layout::{
+    DATA_GPA, DOORBELL_GPA, GuestPageSize, LeafEntries, PAGE_SIZE, UNMAPPED_GVA, control,
+    control_page,
+};
 use crate::program::{Access, Misbehaviour, Op, PageSeq, Program, ProgramError, Repeat};
 use crate::sim::stamp;
 
@@ -105,6 +108,17 @@ pub enum CompileError {
     /// The assembler rejected an instruction (a compiler bug).
     #[error("assembler: {0}")]
     Assembler(String),
+    /// A page-table op, but the machine keeps the guest's page tables out of its reach, or
+    /// maps the data region with pages the op cannot handle.
+    #[error("op {op} ({what}): {why}")]
+    PageTables {
+        /// Op index.
+        op: usize,
+        /// The op.
+        what: String,
+        /// Why it cannot be compiled.
+        why: String,
+    },
 }
 
 impl From<IcedError> for CompileError {
@@ -113,8 +127,20 @@ impl From<IcedError> for CompileError {
     }
 }
 
-/// Compile `vcpu`'s thread of `program`, linked at guest address `base`.
+/// Compile `vcpu`'s thread of `program`, linked at guest address `base`, for a machine whose
+/// page tables the guest cannot reach (page-table ops are refused).
 pub fn compile(program: &Program, vcpu: usize, base: u64) -> Result<Compiled, CompileError> {
+    compile_with(program, vcpu, base, None)
+}
+
+/// [`compile`] for a machine whose data-region leaf entries are at `leaf` (page-table ops
+/// write there).
+pub fn compile_with(
+    program: &Program,
+    vcpu: usize,
+    base: u64,
+    leaf: Option<LeafEntries>,
+) -> Result<Compiled, CompileError> {
     program.validate()?;
     let thread = program
         .vcpus
@@ -124,10 +150,11 @@ pub fn compile(program: &Program, vcpu: usize, base: u64) -> Result<Compiled, Co
     if !thread.ends_itself() {
         ops.push(Op::Done);
     }
-    let mut cg = Gen::new(vcpu, program.seq_base)?;
+    let mut cg = Gen::new(vcpu, program.seq_base, leaf)?;
     let mut op_labels: Vec<CodeLabel> = ops.iter().map(|_| cg.a.create_label()).collect();
     cg.prologue()?;
     for (i, op) in ops.iter().enumerate() {
+        cg.op_index = i;
         cg.a.set_label(&mut op_labels[i])?;
         let next = op_labels.get(i + 1).copied();
         cg.op(op, op_labels[i], next)?;
@@ -161,16 +188,44 @@ struct Gen {
     seq_base: u64,
     /// Tables to emit after the code: (label, u32 page indices).
     tables: Vec<(CodeLabel, Vec<u32>)>,
+    /// Where the data region's leaf page-table entries are, if the guest may write them.
+    leaf: Option<LeafEntries>,
+    /// Index of the op being compiled (for errors).
+    op_index: usize,
 }
 
+/// The accessed and dirty bits of an x86 page-table entry.
+const PTE_AD: u64 = (1 << 5) | (1 << 6);
+/// The physical-address bits of an x86 page-table entry.
+const PTE_ADDR: u64 = 0x000f_ffff_ffff_f000;
+
 impl Gen {
-    fn new(vcpu: usize, seq_base: u64) -> Result<Self, CompileError> {
+    fn new(vcpu: usize, seq_base: u64, leaf: Option<LeafEntries>) -> Result<Self, CompileError> {
         Ok(Self {
             a: CodeAssembler::new(64)?,
             vcpu,
             seq_base,
             tables: Vec::new(),
+            leaf,
+            op_index: 0,
         })
+    }
+
+    /// rax = address of the leaf entry mapping data page `page`.
+    fn leaf_entry(&mut self, op: &Op, page: u64, need_4k: bool) -> Result<(), CompileError> {
+        let refuse = |why: &str| CompileError::PageTables {
+            op: self.op_index,
+            what: op.to_string(),
+            why: why.into(),
+        };
+        let leaf = self
+            .leaf
+            .ok_or_else(|| refuse("this machine keeps the guest's page tables out of its reach"))?;
+        if need_4k && leaf.page != GuestPageSize::Size4K {
+            return Err(refuse("remapping needs 4 KiB guest pages"));
+        }
+        self.a.mov(rax, leaf.of(page))?;
+        Ok(())
     }
 
     fn prologue(&mut self) -> Result<(), CompileError> {
@@ -251,6 +306,25 @@ impl Gen {
                 Ok(())
             }
             Op::Misbehave(m) => self.misbehave(*m, this),
+            // and qword [entry], ~(A|D)
+            Op::ClearAd { page } => {
+                self.leaf_entry(op, *page, false)?;
+                self.a.mov(rcx, !PTE_AD)?;
+                self.a.and(qword_ptr(rax), rcx)?;
+                Ok(())
+            }
+            // entry = entry & !(ADDR | A | D) | gpa(to): a fresh mapping, never used yet
+            Op::Remap { page, to } => {
+                self.leaf_entry(op, *page, true)?;
+                let a = &mut self.a;
+                a.mov(rdx, qword_ptr(rax))?;
+                a.mov(rcx, !(PTE_ADDR | PTE_AD))?;
+                a.and(rdx, rcx)?;
+                a.mov(rcx, DATA_GPA + to * PAGE_SIZE)?;
+                a.or(rdx, rcx)?;
+                a.mov(qword_ptr(rax), rdx)?;
+                Ok(())
+            }
         }
     }
 

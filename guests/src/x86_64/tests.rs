@@ -213,3 +213,41 @@ fn seq_base_starts_the_counter() {
         }
     );
 }
+
+#[test]
+fn page_table_ops_need_the_tables_in_reach() {
+    let program = Program::new(
+        64,
+        vec![Thread::new(vec![
+            Op::ClearAd { page: 5 },
+            Op::Remap { page: 3, to: 9 },
+            Op::Sync(1),
+        ])],
+    );
+    let refused = compile(&program, 0, SYSTEM_GPA).expect_err("no tables");
+    assert!(
+        refused.to_string().contains("out of its reach"),
+        "{refused}"
+    );
+    let leaf = crate::layout::LeafEntries {
+        gva: crate::layout::DATA_GPA + 62 * 4096,
+        page: crate::GuestPageSize::Size4K,
+    };
+    let compiled = compile_with(&program, 0, SYSTEM_GPA, Some(leaf)).expect("compiles");
+    let listing = compiled.listing();
+    // The entries of pages 5 and 3, at 8 bytes each from the leaf base.
+    assert!(
+        listing.contains(&format!("0x{:X}", leaf.gva + 5 * 8)),
+        "{listing}"
+    );
+    assert!(
+        listing.contains(&format!("0x{:X}", leaf.gva + 3 * 8)),
+        "{listing}"
+    );
+    let huge = crate::layout::LeafEntries {
+        page: crate::GuestPageSize::Size2M,
+        ..leaf
+    };
+    let remap_2m = compile_with(&program, 0, SYSTEM_GPA, Some(huge)).expect_err("remap on 2M");
+    assert!(remap_2m.to_string().contains("4 KiB"), "{remap_2m}");
+}

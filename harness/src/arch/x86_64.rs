@@ -270,6 +270,27 @@ pub enum PageTableError {
     },
 }
 
+/// Where the leaf tables of one mapping go instead of the table area: contiguous pages from
+/// `gpa` on, in address order, so entry `i` of the mapping is at `gpa + 8 * i` (a guest that
+/// maps them can find and write its own entries).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeafArea {
+    /// Index of the mapping in the list given to [`PageTables::build_with`].
+    pub mapping: usize,
+    /// Guest-physical address of the first leaf table.
+    pub gpa: u64,
+    /// Whether the mapping's leaf entries start with A and D set.
+    pub preset_ad: bool,
+}
+
+impl LeafArea {
+    /// Table pages the leaf tables of `m` take.
+    #[must_use]
+    pub fn pages(m: &Mapping) -> u64 {
+        m.len.div_ceil(m.page.bytes() * 512)
+    }
+}
+
 /// Guest page tables, built on the host and copied into guest memory.
 #[derive(Debug, Clone)]
 pub struct PageTables {
@@ -306,6 +327,17 @@ impl PageTables {
         pages: u64,
         preset_ad: bool,
     ) -> Result<Self, PageTableError> {
+        Self::build_with(mappings, area, pages, preset_ad, None)
+    }
+
+    /// [`PageTables::build`], with the leaf tables of one mapping placed at `leaf`.
+    pub fn build_with(
+        mappings: &[Mapping],
+        area: u64,
+        pages: u64,
+        preset_ad: bool,
+        leaf: Option<LeafArea>,
+    ) -> Result<Self, PageTableError> {
         let mut pt = Self {
             root: area,
             tables: BTreeMap::new(),
@@ -313,7 +345,8 @@ impl PageTables {
             limit: area + pages * 4096,
         };
         pt.root = pt.alloc()?;
-        for m in mappings {
+        for (index, m) in mappings.iter().enumerate() {
+            let leaf_area = leaf.filter(|l| l.mapping == index);
             let size = m.page.bytes();
             if m.gva % size != 0 || m.gpa % size != 0 || m.len % size != 0 {
                 return Err(PageTableError::Unaligned {
@@ -335,7 +368,7 @@ impl PageTables {
             if !m.executable {
                 flags |= pte::NX;
             }
-            if preset_ad {
+            if leaf_area.map_or(preset_ad, |l| l.preset_ad) {
                 flags |= pte::A | pte::D;
             }
             if leaf_level > 1 {
@@ -343,7 +376,9 @@ impl PageTables {
             }
             let mut offset = 0;
             while offset < m.len {
-                pt.map_one(m.gva + offset, m.gpa + offset, leaf_level, flags)?;
+                // The leaf table holding this entry, where the mapping's leaf tables go apart.
+                let placed = leaf_area.map(|l| l.gpa + offset / (size * 512) * 4096);
+                pt.map_one(m.gva + offset, m.gpa + offset, leaf_level, flags, placed)?;
                 offset += size;
             }
         }
@@ -368,6 +403,7 @@ impl PageTables {
         gpa: u64,
         leaf_level: u32,
         flags: u64,
+        leaf_table: Option<u64>,
     ) -> Result<(), PageTableError> {
         let mut table = self.root;
         for level in (leaf_level..=4).rev() {
@@ -383,7 +419,13 @@ impl PageTables {
                 return Ok(());
             }
             if entry & pte::P == 0 {
-                let child = self.alloc()?;
+                let child = match leaf_table {
+                    Some(at) if level == leaf_level + 1 => {
+                        self.tables.insert(at, vec![0; 512]);
+                        at
+                    }
+                    _ => self.alloc()?,
+                };
                 if let Some(t) = self.tables.get_mut(&table) {
                     t[index] = child | pte::P | pte::RW | pte::US | pte::A;
                 }

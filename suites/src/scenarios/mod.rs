@@ -1,6 +1,7 @@
 //! Scenario drivers: each builds a machine and a tracker for a [`TrialSpec`], runs its
 //! programs, and returns what the oracle found.
 
+mod access;
 mod concurrent;
 mod content;
 mod crosscheck;
@@ -10,6 +11,7 @@ mod kvm_writes;
 mod memslot;
 mod property;
 pub(crate) mod stepped;
+mod tables;
 
 pub use property::{cases, set_cases};
 
@@ -159,6 +161,8 @@ pub fn data_pages(scenario: &Scenario) -> u64 {
         Scenario::Huge { path } => huge::shape(*path).1,
         Scenario::KvmWrites => kvm_writes::PAGES,
         Scenario::Memslot { op } => memslot::data_pages(*op),
+        Scenario::GuestTables { case } => tables::data_pages(*case),
+        Scenario::Access { .. } => access::PAGES,
     }
 }
 
@@ -172,6 +176,7 @@ pub fn vcpus(scenario: &Scenario) -> usize {
             path: crate::spec::HugePath::Race { vcpus },
         } => usize::from(*vcpus),
         Scenario::ClearGeometry => 1,
+        Scenario::GuestTables { case } => tables::vcpus(*case),
         _ => 2,
     }
 }
@@ -236,6 +241,9 @@ pub fn precheck(spec: &TrialSpec, host: &HostProfile) -> Result<(), String> {
     if let Some(r) = support::backing_support(host, spec.backing).reason() {
         return Err(format!("{} backing: {r}", spec.backing));
     }
+    if let Scenario::Access { kind } = spec.scenario {
+        access::precheck(kind, host)?;
+    }
     if let (Some(bytes), Ok(kvm)) = (spec.tracker.ring_bytes(), host.kvm()) {
         let max = kvm
             .cap("DIRTY_LOG_RING_ACQ_REL")
@@ -264,6 +272,8 @@ pub fn run(spec: &TrialSpec, seed: u64) -> Result<Findings, TrialError> {
         Scenario::Huge { path } => huge::run(spec, path, seed, &mut tracker)?,
         Scenario::KvmWrites => kvm_writes::run(spec, seed, &mut tracker)?,
         Scenario::Memslot { op } => memslot::run(spec, op, seed, &mut tracker)?,
+        Scenario::GuestTables { case } => tables::run(spec, case, seed, &mut tracker)?,
+        Scenario::Access { kind } => access::run(spec, kind, seed, &mut tracker)?,
     };
     findings.affected = tracker.affected();
     Ok(findings)
