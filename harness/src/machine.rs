@@ -734,8 +734,16 @@ impl Machine {
 
     /// Move data slot `slot` to `gpa` (KVM_MR_MOVE), point the guest's mappings of its pages
     /// at the new place and reset every vCPU's MMU so the guest sees them there. The vCPUs must
-    /// be stopped.
+    /// be stopped. Everything is checked before anything changes: the slot is a live data slot,
+    /// the guest's tables are where the host can rewrite them (not in the data region), and
+    /// every guest mapping of the slot is whole and stays aligned at the new address.
     pub fn move_data_slot(&mut self, slot: u32, gpa: u64) -> Result<(), MachineError> {
+        if self.leaf.is_some() {
+            return Err(MachineError::Config(
+                "moving a data slot with the page tables in the data region is not supported"
+                    .into(),
+            ));
+        }
         let (old, pages) = {
             let s = self.vm.slot(slot)?;
             (s.gpa, s.pages())
@@ -746,36 +754,39 @@ impl Machine {
             .into_iter()
             .find(|e| e.slot == slot)
             .ok_or_else(|| MachineError::Config(format!("slot {slot} is not a data slot")))?;
-        if !gpa.is_multiple_of(PAGE_SIZE) {
-            return Err(MachineError::Config(format!(
-                "move to unaligned gpa {gpa:#x}"
-            )));
-        }
-        self.vm.move_slot(slot, gpa)?;
         let system = fixed_slot(&self.vm, SYSTEM_SLOT);
         let read = |at: u64| -> Option<u64> {
             let off = at.checked_sub(SYSTEM_GPA)?;
             (off + 8 <= system.len()).then(|| system.read_u64(off))
         };
+        // (entry's offset in the system region, new entry)
+        let mut rewrites = Vec::new();
         let mut page = 0;
         while page < pages {
             let gva = DATA_GPA + (extent.first_page + page) * PAGE_SIZE;
             let walk = arch::walk(self.root, gva, read).ok_or_else(|| {
                 MachineError::Config(format!("guest page tables do not map {gva:#x}"))
             })?;
-            let span = walk.page.bytes() / PAGE_SIZE;
-            if walk.page != GuestPageSize::Size4K
-                && (!gva.is_multiple_of(walk.page.bytes()) || page + span > pages)
+            let size = walk.page.bytes();
+            let span = size / PAGE_SIZE;
+            if !gva.is_multiple_of(size)
+                || page + span > pages
+                || !(gpa.abs_diff(old)).is_multiple_of(size)
             {
                 return Err(MachineError::Config(format!(
-                    "slot {slot} does not cover whole guest {} pages: moving it needs 4 KiB guest pages",
+                    "slot {slot} at {old:#x} -> {gpa:#x}: the guest maps it with {} pages that the move would cut or misalign (use 4 KiB guest pages)",
                     walk.page.name()
                 )));
             }
             let target = walk.gpa - old + gpa;
             let entry = (walk.leaf_entry & !arch::pte::ADDR) | (target & arch::pte::ADDR);
-            system.write_u64(walk.leaf_entry_gpa - SYSTEM_GPA, entry);
+            rewrites.push((walk.leaf_entry_gpa - SYSTEM_GPA, entry));
             page += span;
+        }
+        self.vm.move_slot(slot, gpa)?;
+        let system = fixed_slot(&self.vm, SYSTEM_SLOT);
+        for (offset, entry) in rewrites {
+            system.write_u64(offset, entry);
         }
         self.reset_guest_mmu()
     }
@@ -932,13 +943,6 @@ impl Machine {
         self.leaf.as_ref().map_or(self.config.data_pages, |(l, _)| {
             (l.gva - DATA_GPA) / PAGE_SIZE
         })
-    }
-
-    /// Where the guest's leaf entries for the data region are, when they live in the data
-    /// region.
-    #[must_use]
-    pub fn leaf_entries(&self) -> Option<LeafEntries> {
-        self.leaf.as_ref().map(|(l, _)| *l)
     }
 
     /// The guest's leaf entry that maps data page `page` now (with the tables in the data

@@ -128,6 +128,8 @@ impl Memslot {
 pub struct Vm {
     // Field order matters: the VM fd is closed before the slots' memory is unmapped.
     fd: VmFd,
+    /// Held while a slot's flags change, so KVM and `Memslot::flags` agree.
+    flags_lock: std::sync::Mutex<()>,
     stats: Option<StatsFd>,
     kvm: Kvm,
     slots: BTreeMap<u32, Memslot>,
@@ -143,6 +145,7 @@ impl Vm {
         let stats = StatsFd::open(&fd, "VM").ok();
         Ok(Self {
             fd,
+            flags_lock: std::sync::Mutex::new(()),
             stats,
             kvm,
             slots: BTreeMap::new(),
@@ -274,23 +277,33 @@ impl Vm {
     }
 
     /// Replace slot `id`'s flags (e.g. turn `KVM_MEM_LOG_DIRTY_PAGES` on or off). KVM allows
-    /// this while vCPUs run; one thread at a time changes a slot.
+    /// this while vCPUs run; changes are serialised so the recorded flags match KVM's.
     pub fn set_slot_flags(&self, id: u32, flags: u32) -> Result<(), VmError> {
-        let s = self.slot_entry(id)?;
-        self.set_region(id, s.gpa, s.size, flags, s.host_addr(), "set flags")?;
-        s.flags.store(flags, Ordering::Release);
-        Ok(())
+        self.update_slot_flags(id, |_| flags)
     }
 
     /// Turn dirty logging on or off for slot `id`.
     pub fn set_dirty_logging(&self, id: u32, on: bool) -> Result<(), VmError> {
-        let flags = self.slot_entry(id)?.flags();
-        let flags = if on {
-            flags | KVM_MEM_LOG_DIRTY_PAGES
-        } else {
-            flags & !KVM_MEM_LOG_DIRTY_PAGES
-        };
-        self.set_slot_flags(id, flags)
+        self.update_slot_flags(id, |flags| {
+            if on {
+                flags | KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                flags & !KVM_MEM_LOG_DIRTY_PAGES
+            }
+        })
+    }
+
+    /// Set slot `id`'s flags to `f(current flags)`, one change at a time.
+    fn update_slot_flags(&self, id: u32, f: impl FnOnce(u32) -> u32) -> Result<(), VmError> {
+        let _one_at_a_time = self
+            .flags_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let s = self.slot_entry(id)?;
+        let flags = f(s.flags());
+        self.set_region(id, s.gpa, s.size, flags, s.host_addr(), "set flags")?;
+        s.flags.store(flags, Ordering::Release);
+        Ok(())
     }
 
     /// Move slot `id` to `gpa` (KVM_MR_MOVE: same size and memory).

@@ -104,6 +104,23 @@ pub fn default_dir() -> PathBuf {
 
 const HEADER_SOURCE: &str = "suites/src/golden.rs";
 
+/// How [`Golden::apply`] starts the reason of a trial the golden file says passed here but
+/// that did not exercise its path this time (blessing counts it as not exercised).
+const NO_LONGER_EXERCISED: &str = "path no longer exercised: ";
+
+/// The verdict a result had before [`Golden::apply`] turned a lost path into a failure.
+fn raw_verdict(r: &TrialResult) -> Verdict {
+    let lost_path = r.verdict == Verdict::Fail
+        && r.reason
+            .as_deref()
+            .is_some_and(|why| why.starts_with(NO_LONGER_EXERCISED));
+    if lost_path {
+        Verdict::NotExercised
+    } else {
+        r.verdict
+    }
+}
+
 impl Golden {
     /// Read the golden file of `host_key` from `dir` (empty if there is none).
     pub fn load(dir: &Path, host_key: &str) -> Result<Self, String> {
@@ -189,6 +206,17 @@ impl Golden {
                 result.evidence.push(
                     "known intermittent failure on this host; it did not occur this run".into(),
                 );
+            }
+            // The host used to exercise this path: losing that is a regression of coverage,
+            // never a quiet skip.
+            (Expected::Pass, Verdict::NotExercised, _) => {
+                result.verdict = Verdict::Fail;
+                result.fail_kind = Some(FailKind::Problem);
+                result.reason = Some(format!(
+                    "{NO_LONGER_EXERCISED}{} (the golden file {} records that this host exercised it; review, and re-bless if the host changed)",
+                    result.reason.as_deref().unwrap_or("no reason"),
+                    self.path.display()
+                ));
             }
             _ => {}
         }
@@ -311,7 +339,8 @@ pub fn bless(host_key: &str, kernel: &str, runs: &[Vec<TrialResult>], previous: 
         let fails: Vec<&&TrialResult> = results
             .iter()
             .filter(|r| {
-                r.fail_kind.is_some() && matches!(r.verdict, Verdict::Fail | Verdict::KnownFailure)
+                r.fail_kind.is_some()
+                    && matches!(raw_verdict(r), Verdict::Fail | Verdict::KnownFailure)
             })
             .collect();
         let mut kinds: Vec<FailKind> = fails.iter().filter_map(|r| r.fail_kind).collect();
@@ -343,10 +372,22 @@ pub fn bless(host_key: &str, kernel: &str, runs: &[Vec<TrialResult>], previous: 
                 Expected::Skip,
                 results[0].reason.clone().unwrap_or_default(),
             )
-        } else if results.iter().all(|r| r.verdict == Verdict::NotExercised) {
+        } else if let Some(first) = results
+            .iter()
+            .find(|r| raw_verdict(r) == Verdict::NotExercised)
+        {
+            // Some runs (or all) could not exercise the path: the golden file accepts both.
+            let n = results
+                .iter()
+                .filter(|r| raw_verdict(r) == Verdict::NotExercised)
+                .count();
             (
                 Expected::NotExercised,
-                results[0].reason.clone().unwrap_or_default(),
+                format!(
+                    "{n}/{} runs not exercised: {}",
+                    results.len(),
+                    first.reason.as_deref().unwrap_or("")
+                ),
             )
         } else if results.iter().any(|r| r.verdict == Verdict::Error) {
             (
@@ -459,6 +500,42 @@ mod tests {
         assert!(
             body.iter().all(|l| column(l) == column(body[0])),
             "aligned: {text}"
+        );
+    }
+
+    #[test]
+    fn a_path_no_longer_exercised_fails_and_mixed_runs_bless_as_not_exercised() {
+        let spec = crate::spec::TrialSpec {
+            tracker: trackcheck_harness::track::TrackerSpec::DirtyLog,
+            scenario: crate::spec::Scenario::Stepped,
+            backing: trackcheck_harness::Backing::Anon,
+            mode: trackcheck_harness::ExecutionMode::Native,
+            inject: None,
+        };
+        let mut golden = Golden::default();
+        golden
+            .entries
+            .insert(spec.name(), (Expected::Pass, String::new()));
+        let mut idle = TrialResult::new(&spec, 1);
+        idle.verdict = Verdict::NotExercised;
+        idle.reason = Some("no 2 MiB mapping".into());
+        golden.apply(&mut idle);
+        assert_eq!(idle.verdict, Verdict::Fail);
+        assert!(idle.verdict.is_unexpected());
+        assert!(
+            idle.reason
+                .as_deref()
+                .is_some_and(|r| r.starts_with(NO_LONGER_EXERCISED) && r.contains("no 2 MiB"))
+        );
+        let pass = TrialResult::new(&spec, 1);
+        let text = bless("k", "6.x", &[vec![pass], vec![idle]], &Golden::default());
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&spec.name()))
+            .expect("line");
+        assert!(
+            line.contains(" not-exercised ") && line.contains("1/2 runs not exercised"),
+            "{line}"
         );
     }
 

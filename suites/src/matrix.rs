@@ -229,6 +229,18 @@ pub fn selftests() -> Vec<TrialSpec> {
                 Backing::Anon,
             ),
             (
+                Scenario::GuestTables {
+                    case: TablesCase::Ad4K,
+                },
+                Backing::Anon,
+            ),
+            (
+                Scenario::Access {
+                    kind: AccessKind::GuestAdNoFlush,
+                },
+                Backing::Anon,
+            ),
+            (
                 Scenario::Access {
                     kind: AccessKind::GuestAd,
                 },

@@ -280,8 +280,13 @@ pub fn run_trial(
             } else if !f.problems.is_empty() {
                 fail(&mut result, FailKind::Problem, f.problems.join("; "));
             } else if let Some(why) = f.not_exercised {
-                result.verdict = Verdict::NotExercised;
-                result.reason = Some(why);
+                if spec.inject.is_some() {
+                    // A self-test is judged by whether it caught its loss, never excused.
+                    result.evidence.push(format!("path not exercised: {why}"));
+                } else {
+                    result.verdict = Verdict::NotExercised;
+                    result.reason = Some(why);
+                }
             }
         }
     }

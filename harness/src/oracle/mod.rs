@@ -106,8 +106,9 @@ pub struct LostPage {
     pub gpa: u64,
     /// vCPU that made the lost write.
     pub vcpu: usize,
-    /// Its sequence number (the stamp is `vcpu << 48 | seq`); 0 for a write KVM made itself
-    /// on the vCPU's behalf (guest writes count from 1).
+    /// Its sequence number (the stamp is `vcpu << 48 | seq`); [`LostPage::KVM_WRITE`] for a
+    /// write KVM made itself on the vCPU's behalf (guest writes count from 1),
+    /// [`LostPage::TABLE_CHANGE`] for a change to a guest page-table page.
     pub seq: u64,
     /// Harvest round (1-based) by which it should have been reported; rounds after the last
     /// one mean the final harvest.
@@ -115,6 +116,12 @@ pub struct LostPage {
 }
 
 impl LostPage {
+    /// `seq` of a write KVM made itself (kvmclock, steal time).
+    pub const KVM_WRITE: u64 = 0;
+    /// `seq` of a change to a guest page-table page (accessed/dirty bits KVM set, or the
+    /// guest's own entry writes): no stamp names it.
+    pub const TABLE_CHANGE: u64 = u64::MAX;
+
     /// Build for data page `data_page`.
     #[must_use]
     pub fn at(layout: &DataLayout, data_page: u64, vcpu: usize, seq: u64, round: u32) -> Self {
@@ -132,10 +139,10 @@ impl LostPage {
 
 impl std::fmt::Display for LostPage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let what = if self.seq == 0 {
-            format!("a write KVM made for vCPU {}", self.vcpu)
-        } else {
-            format!("write seq {} of vCPU {}", self.seq, self.vcpu)
+        let what = match self.seq {
+            Self::KVM_WRITE => format!("a write KVM made for vCPU {}", self.vcpu),
+            Self::TABLE_CHANGE => "a change to a guest page-table page".to_string(),
+            seq => format!("write seq {seq} of vCPU {}", self.vcpu),
         };
         write!(
             f,

@@ -67,6 +67,31 @@ impl Shadow {
         }
     }
 
+    /// Every word of data page `data_page` where the shadow and guest memory differ.
+    #[must_use]
+    pub fn differing_words(&self, data: &GuestMemory, data_page: u64) -> Vec<Mismatch> {
+        let at = usize::try_from(data_page * PAGE_SIZE).unwrap_or(usize::MAX);
+        let Some(mine) = self.bytes.get(at..at + PAGE) else {
+            return Vec::new();
+        };
+        let mut page = vec![0u8; PAGE];
+        data.read(data_page * PAGE_SIZE, &mut page);
+        let word = |b: &[u8], i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&b[i * 8..i * 8 + 8]);
+            u64::from_le_bytes(w)
+        };
+        (0..PAGE / 8)
+            .filter(|&i| word(mine, i) != word(&page, i))
+            .map(|i| Mismatch {
+                data_page,
+                offset: i as u64 * 8,
+                shadow: word(mine, i),
+                memory: word(&page, i),
+            })
+            .collect()
+    }
+
     /// Compare with guest memory: the first differing word of every differing page.
     #[must_use]
     pub fn compare(&self, data: &GuestMemory) -> Vec<Mismatch> {

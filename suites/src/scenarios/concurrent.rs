@@ -82,7 +82,7 @@ pub(super) fn drive_program(
     tracker: &mut dyn Tracker,
     write_once: bool,
 ) -> Result<Findings, TrialError> {
-    drive_program_with(m, program, tracker, write_once, &mut |_, _, _| Ok(()))
+    drive_program_with(m, program, tracker, write_once, &mut |_, _, _, _| Ok(()))
 }
 
 /// [`drive_program`] with `between` run after every harvest while the vCPUs run.
@@ -127,9 +127,11 @@ struct Work {
 }
 
 /// What a scenario does between the harvests of a concurrent run, with the vCPUs running:
-/// `hook(view, harvest, shadow)` may change memslots and copy pages into the shadow.
+/// `hook(view, harvest, progress, shadow)` may change memslots and copy pages into the shadow;
+/// `progress` is each vCPU's progress snapshot taken before that harvest's collect (absolute
+/// seqs: every write up to it had to be reported by that collect).
 pub(super) type Between<'h> =
-    &'h mut dyn FnMut(&RunView<'_>, u32, &mut Shadow) -> Result<(), TrialError>;
+    &'h mut dyn FnMut(&RunView<'_>, u32, &[u64], &mut Shadow) -> Result<(), TrialError>;
 
 fn drive(
     m: &mut Machine,
@@ -169,6 +171,7 @@ fn drive(
                 between(
                     view,
                     u32::try_from(snapshots.len()).unwrap_or(u32::MAX),
+                    &now,
                     &mut shadow,
                 )?;
                 // Writes of this program so far (progress counts from its seq base).

@@ -43,6 +43,9 @@ pub(super) struct ContentOracle {
     kvm_pages: Vec<KvmPage>,
     /// Data pages that hold the guest's page tables.
     tables: Range<u64>,
+    /// Page-table pages found changed at a collect after the baseline (accessed/dirty bits set
+    /// by KVM, or the guest's own entry writes), summed over collects.
+    pub table_changes: u64,
 }
 
 impl ContentOracle {
@@ -56,6 +59,7 @@ impl ContentOracle {
             gone: BTreeSet::new(),
             kvm_pages,
             tables: m.program_pages()..m.config().data_pages,
+            table_changes: 0,
         }
     }
 
@@ -105,6 +109,7 @@ impl ContentOracle {
         };
         let (shadow, findings) = (&mut self.shadow, &mut self.findings);
         let mut changed = Vec::new();
+        let mut table_changes = 0;
         harvest(
             tracker,
             m,
@@ -112,7 +117,8 @@ impl ContentOracle {
             |step, m: &mut Machine, out| -> Result<(), TrackError> {
                 match step {
                     Step::Collect => {
-                        changed = judge(&layout, shadow, m, out, &known, round, findings);
+                        (changed, table_changes) =
+                            judge(&layout, shadow, m, out, &known, round, findings);
                     }
                     Step::Copy => shadow.copy(m.data(), out),
                     Step::Rearm => {}
@@ -121,6 +127,9 @@ impl ContentOracle {
             },
         )?;
         self.findings.report.rounds = self.round;
+        if self.round > 1 {
+            self.table_changes += table_changes;
+        }
         Ok(changed)
     }
 }
@@ -132,7 +141,8 @@ struct Known<'a> {
     tables: Range<u64>,
 }
 
-/// Judge one collect: every changed page of a live slot must be in `out`.
+/// Judge one collect: every changed page of a live slot must be in `out`. Returns the changed
+/// data pages (page-table pages aside) and how many page-table pages changed.
 fn judge(
     layout: &DataLayout,
     shadow: &Shadow,
@@ -141,8 +151,9 @@ fn judge(
     known: &Known<'_>,
     round: u32,
     findings: &mut Findings,
-) -> Vec<u64> {
+) -> (Vec<u64>, u64) {
     let mut changed = Vec::new();
+    let mut tables_changed = 0;
     let mut changed_reported = 0u64;
     for mm in shadow.compare(m.data()) {
         let Some((slot, page)) = layout.locate(mm.data_page) else {
@@ -152,6 +163,7 @@ fn judge(
             continue;
         }
         if known.tables.contains(&mm.data_page) {
+            tables_changed += 1;
             if !out.contains(slot, page) {
                 let per = known.tables.end - known.tables.start;
                 findings.problems.push(format!(
@@ -159,9 +171,13 @@ fn judge(
                     mm.data_page - known.tables.start,
                     mm.data_page
                 ));
-                findings
-                    .report
-                    .add_lost(LostPage::at(layout, mm.data_page, 0, 0, round));
+                findings.report.add_lost(LostPage::at(
+                    layout,
+                    mm.data_page,
+                    0,
+                    LostPage::TABLE_CHANGE,
+                    round,
+                ));
             }
             continue;
         }
@@ -175,9 +191,13 @@ fn judge(
                 "{} (data page {}) changed by KVM but not reported by round {round}",
                 k.name, mm.data_page
             ));
-            findings
-                .report
-                .add_lost(LostPage::at(layout, mm.data_page, k.vcpu, 0, round));
+            findings.report.add_lost(LostPage::at(
+                layout,
+                mm.data_page,
+                k.vcpu,
+                LostPage::KVM_WRITE,
+                round,
+            ));
         } else {
             findings.report.add_lost(LostPage::at(
                 layout,
@@ -214,5 +234,5 @@ fn judge(
             .entry("unchanged-content".into())
             .or_default() += unchanged;
     }
-    changed
+    (changed, tables_changed)
 }

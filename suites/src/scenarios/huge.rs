@@ -12,7 +12,7 @@
 
 use std::fmt;
 
-use trackcheck_guests::GuestPageSize;
+use trackcheck_guests::{GuestPageSize, Program, Thread};
 use trackcheck_harness::machine::Machine;
 use trackcheck_harness::memory::thp_bytes_in;
 use trackcheck_harness::{Backing, ExecutionMode};
@@ -39,7 +39,8 @@ struct Mappings {
 }
 
 impl Mappings {
-    fn read(m: &Machine) -> Option<Self> {
+    /// KVM's mappings of the whole VM now.
+    fn read_vm(m: &Machine) -> Option<Self> {
         let s = m.vm_stats();
         Some(Self {
             k4: s.get("pages_4k")?,
@@ -47,6 +48,26 @@ impl Mappings {
             g1: s.get("pages_1g").unwrap_or(0),
         })
     }
+
+    /// KVM's mappings of the data region now: the VM's, less those the machine had before the
+    /// guest touched data (its code, stacks, control pages: see [`baseline`]).
+    fn read(m: &Machine, base: Option<Self>) -> Option<Self> {
+        let (now, base) = (Self::read_vm(m)?, base?);
+        Some(Self {
+            k4: now.k4.saturating_sub(base.k4),
+            m2: now.m2.saturating_sub(base.m2),
+            g1: now.g1.saturating_sub(base.g1),
+        })
+    }
+}
+
+/// Run a program that touches no data page (every vCPU's code, stack and control page get
+/// mapped), and read the VM's mappings: what is not the data region's.
+fn baseline(m: &mut Machine) -> Result<Option<Mappings>, TrialError> {
+    let vcpus = m.config().vcpus;
+    m.load(&Program::new(1, vec![Thread::new(Vec::new()); vcpus]))?;
+    m.run_to_completion()?;
+    Ok(Mappings::read_vm(m))
 }
 
 impl fmt::Display for Mappings {
@@ -75,8 +96,8 @@ fn machine(spec: &TrialSpec, path: HugePath, vcpus: usize) -> Result<Machine, Tr
     Ok(Machine::new(config)?)
 }
 
-/// The state before tracking: KVM's mappings, and why KVM cannot have mapped huge pages (if
-/// it cannot).
+/// The state before tracking: KVM's mappings of the data region, and why KVM cannot have
+/// mapped huge pages (if it cannot).
 #[derive(Clone, Debug)]
 struct Before {
     maps: Option<Mappings>,
@@ -85,13 +106,18 @@ struct Before {
 
 /// Write every data page once with tracking off (KVM maps the region as it can), with seq base
 /// `base`; the state after.
-fn prefill(spec: &TrialSpec, m: &mut Machine, base: u64) -> Result<Before, TrialError> {
+fn prefill(
+    spec: &TrialSpec,
+    m: &mut Machine,
+    seq_base: u64,
+    base: Option<Mappings>,
+) -> Result<Before, TrialError> {
     let vcpus = m.config().vcpus;
     let pages = m.config().data_pages;
-    m.load(&programs::write_once(vcpus, pages).with_seq_base(base))?;
+    m.load(&programs::write_once(vcpus, pages).with_seq_base(seq_base))?;
     m.run_to_completion()?;
     Ok(Before {
-        maps: Mappings::read(m),
+        maps: Mappings::read(m, base),
         no_huge: no_huge_reason(spec, m),
     })
 }
@@ -163,11 +189,12 @@ fn once(
     tracker: &mut TrialTracker,
 ) -> Result<Findings, TrialError> {
     let mut m = machine(spec, path, VCPUS)?;
-    let before = prefill(spec, &mut m, 0)?;
+    let base = baseline(&mut m)?;
+    let before = prefill(spec, &mut m, 0, base)?;
     let program = programs::huge_split(seed, VCPUS, m.config().data_pages).with_seq_base(SEQ_STEP);
     m.load(&program)?;
     let run = stepped::drive_loaded(&mut m, &program, tracker.get(), false)?;
-    let after = Mappings::read(&m);
+    let after = Mappings::read(&m, base);
     m.detach(tracker.get())?;
     let mut findings = run.findings;
     let proof = match path {
@@ -245,17 +272,18 @@ fn recover(
 ) -> Result<Findings, TrialError> {
     let mut m = machine(spec, HugePath::Recover, VCPUS)?;
     let pages = m.config().data_pages;
-    let before = prefill(spec, &mut m, 0)?;
+    let base = baseline(&mut m)?;
+    let before = prefill(spec, &mut m, 0, base)?;
     let first = programs::huge_split(seed, VCPUS, pages).with_seq_base(SEQ_STEP);
     m.load(&first)?;
     let a = stepped::drive_loaded(&mut m, &first, tracker.get(), false)?;
-    let split = Mappings::read(&m);
+    let split = Mappings::read(&m, base);
     m.detach(tracker.get())?;
-    let recovered = prefill(spec, &mut m, 2 * SEQ_STEP)?;
+    let recovered = prefill(spec, &mut m, 2 * SEQ_STEP, base)?;
     let second = programs::huge_split(seed ^ 1, VCPUS, pages).with_seq_base(3 * SEQ_STEP);
     m.load(&second)?;
     let b = stepped::drive_loaded(&mut m, &second, tracker.get(), false)?;
-    let again = Mappings::read(&m);
+    let again = Mappings::read(&m, base);
     m.detach(tracker.get())?;
     let mut findings = a.findings;
     findings.report.absorb(&b.findings.report);
@@ -263,7 +291,8 @@ fn recover(
     findings.problems.extend(b.findings.problems);
     findings.evidence.extend(b.findings.evidence);
     let proof = split_proof(&before, split, "first tracking").and_then(|one| {
-        if before.no_huge.is_none() && recovered.maps.is_some_and(|r| r.m2 == 0) {
+        let came_back = matches!((recovered.maps, split), (Some(r), Some(s)) if r.m2 > s.m2);
+        if before.no_huge.is_none() && !came_back {
             return Err(format!(
                 "the huge mappings did not come back while tracking was off ({}){}",
                 recovered.maps.map_or_else(String::new, |r| r.to_string()),
@@ -294,7 +323,8 @@ fn race(
     };
     let mut m = machine(spec, path, vcpus)?;
     let pages = m.config().data_pages;
-    let before = prefill(spec, &mut m, 0)?;
+    let base = baseline(&mut m)?;
+    let before = prefill(spec, &mut m, 0, base)?;
     let write_once = spec.inject.is_some();
     let program = if write_once {
         programs::write_once(vcpus, pages)
@@ -303,7 +333,7 @@ fn race(
     }
     .with_seq_base(SEQ_STEP);
     let mut findings = concurrent::drive_program(&mut m, &program, tracker.get(), write_once)?;
-    let after = Mappings::read(&m);
+    let after = Mappings::read(&m, base);
     m.detach(tracker.get())?;
     let proof = split_proof(&before, after, "racing writers");
     conclude(&mut findings, proof);
@@ -314,5 +344,36 @@ fn conclude(findings: &mut Findings, proof: Result<String, String>) {
     match proof {
         Ok(evidence) => findings.evidence.push(evidence),
         Err(why) => findings.not_exercised = Some(why),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn before(m2: u64, no_huge: Option<&str>) -> Before {
+        Before {
+            maps: Some(Mappings { k4: 2, m2, g1: 0 }),
+            no_huge: no_huge.map(String::from),
+        }
+    }
+
+    #[test]
+    fn a_split_is_proven_only_by_fewer_huge_mappings_after_than_before() {
+        let after = |m2| Some(Mappings { k4: 140, m2, g1: 0 });
+        assert!(split_proof(&before(8, None), after(0), "p").is_ok());
+        let none = split_proof(&before(0, Some("emulated")), after(0), "p").unwrap_err();
+        assert!(none.contains("emulated"), "{none}");
+        let kept = split_proof(&before(8, None), after(8), "p").unwrap_err();
+        assert!(kept.contains("neither split nor dropped"), "{kept}");
+        let no_stats = Before {
+            maps: None,
+            no_huge: None,
+        };
+        assert!(
+            split_proof(&no_stats, after(0), "p")
+                .unwrap_err()
+                .contains("binary stats")
+        );
     }
 }

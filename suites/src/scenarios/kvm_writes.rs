@@ -157,7 +157,9 @@ pub(super) fn run(
     let final_round = checker.round;
     let versions: Vec<(Area, u32)> = areas().into_iter().map(|a| (a, version(&m, a))).collect();
     // Paused: every vCPU is done and the final harvest is taken. vCPU ioctls a VMM makes
-    // while migrating must not write guest memory now.
+    // while migrating must not write guest memory now. Each loads and puts the vCPU, which is
+    // where KVM once wrote the steal-time "preempted" flag unconditionally (after the VMM's
+    // final harvest); a correct kernel writes nothing here, so this is a regression check.
     for v in 0..VCPUS {
         if let Some(fd) = m.vcpu_fd(v) {
             let _ = fd.get_regs();
@@ -186,7 +188,7 @@ pub(super) fn run(
         ));
     } else {
         findings.evidence.push(format!(
-            "after the pause and the final harvest (round {final_round}), KVM_GET_REGS, KVM_GET_SREGS, KVM_KVMCLOCK_CTRL and KVM_GET_CLOCK wrote nothing"
+            "after the pause and the final harvest (round {final_round}), KVM_GET_REGS, KVM_GET_SREGS, KVM_KVMCLOCK_CTRL and KVM_GET_CLOCK (each a vCPU load and put) wrote nothing"
         ));
     }
     let mode = m.mode_evidence(&stats_before, &stats_after, m.writes_done());
