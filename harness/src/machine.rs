@@ -13,12 +13,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use trackcheck_guests::compiled::{CompileError, Compiled};
 use trackcheck_guests::layout::LeafEntries;
 use trackcheck_guests::layout::{
     CONTROL_GPA, DATA_GPA, DOORBELL_GPA, HUGE_2M, MAX_DATA_PAGES, MAX_SYSTEM_BYTES, MAX_VCPUS,
     PAGE_SIZE, SYSTEM_GPA, control,
 };
-use trackcheck_guests::x86_64::{CompileError, Compiled, compile_with, decode_one};
+use trackcheck_guests::native::compile_with;
 use trackcheck_guests::{GuestPageSize, Program};
 
 use crate::arch::{self, Entry, LeafArea, Mapping, PageTableError, PageTables};
@@ -60,6 +61,13 @@ pub struct MachineConfig {
     /// Enable the dirty ring with this many bytes per vCPU (before the vCPUs are created, as
     /// KVM requires), using KVM_CAP_DIRTY_LOG_RING_ACQ_REL where offered.
     pub dirty_ring: Option<u32>,
+    /// With `dirty_ring`: also enable KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP (the slots keep a
+    /// backup bitmap for writes made without a vCPU; arm64).
+    pub dirty_ring_with_bitmap: bool,
+    /// KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE in bytes (arm64): KVM splits huge stage-2 mappings
+    /// in chunks of this size when logging starts (or at CLEAR with manual protect) instead
+    /// of on the faulting write. `Some(0)` sets it off explicitly; `None` leaves KVM's default.
+    pub eager_split_chunk: Option<u64>,
     /// Split the data region into memslots of these many pages (in order, summing to
     /// `data_pages`; ids `DATA_SLOT`, `DATA_SLOT + 1`, ...). Empty: one slot.
     pub data_slot_pages: Vec<u64>,
@@ -82,6 +90,8 @@ impl Default for MachineConfig {
             code_capacity: 8 << 20,
             populate: true,
             dirty_ring: None,
+            dirty_ring_with_bitmap: false,
+            eager_split_chunk: None,
             data_slot_pages: Vec::new(),
             tables_in_data: false,
         }
@@ -302,6 +312,86 @@ fn enable_dirty_ring(vm: &Vm, bytes: u32) -> Result<(), MachineError> {
     })
 }
 
+/// A VM capability through KVM_ENABLE_CAP; `what` names it in errors. `EINVAL` is a skip
+/// (this kernel or configuration does not take it), anything else an error.
+fn enable_vm_cap(vm: &Vm, cap: u32, arg: u64, what: &str) -> Result<(), MachineError> {
+    let arg = kvm_bindings::kvm_enable_cap {
+        cap,
+        args: [arg, 0, 0, 0],
+        ..Default::default()
+    };
+    vm.fd().enable_cap(&arg).map_err(|e| {
+        let text = crate::sys::errno_text(e.errno());
+        if e.errno() == libc::EINVAL {
+            MachineError::Unsupported {
+                what: what.into(),
+                reason: format!("KVM_ENABLE_CAP rejected it: {text}"),
+            }
+        } else {
+            MachineError::Vcpu {
+                vcpu: 0,
+                text: format!("KVM_ENABLE_CAP({what}): {text}"),
+            }
+        }
+    })
+}
+
+/// `KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP`.
+const CAP_RING_WITH_BITMAP: u32 = 225;
+/// `KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE`.
+const CAP_EAGER_SPLIT_CHUNK_SIZE: u32 = 228;
+/// `KVM_CAP_ARM_SUPPORTED_BLOCK_SIZES`: a bitmap of the stage-2 block sizes (arm64).
+const CAP_SUPPORTED_BLOCK_SIZES: u32 = 229;
+
+/// The VM-wide tracking settings KVM only takes while the VM has no memslot (ring with bitmap,
+/// eager split chunk) or no vCPU (the ring): made right after the VM exists.
+fn enable_tracking_caps(vm: &Vm, config: &MachineConfig) -> Result<(), MachineError> {
+    if let Some(bytes) = config.dirty_ring {
+        enable_dirty_ring(vm, bytes)?;
+        if config.dirty_ring_with_bitmap {
+            if vm.check_cap(CAP_RING_WITH_BITMAP) <= 0 {
+                return Err(MachineError::Unsupported {
+                    what: "a dirty ring with a backup bitmap".into(),
+                    reason: "KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP is absent".into(),
+                });
+            }
+            enable_vm_cap(
+                vm,
+                CAP_RING_WITH_BITMAP,
+                0,
+                "KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP",
+            )?;
+        }
+    } else if config.dirty_ring_with_bitmap {
+        return Err(MachineError::Config(
+            "dirty_ring_with_bitmap needs dirty_ring".into(),
+        ));
+    }
+    if let Some(chunk) = config.eager_split_chunk {
+        let sizes = u64::try_from(vm.check_cap(CAP_SUPPORTED_BLOCK_SIZES)).unwrap_or(0);
+        if sizes == 0 {
+            return Err(MachineError::Unsupported {
+                what: "KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE".into(),
+                reason: "KVM_CAP_ARM_SUPPORTED_BLOCK_SIZES is absent (arm64 KVM from 6.5 has both)"
+                    .into(),
+            });
+        }
+        if chunk != 0 && sizes & chunk == 0 {
+            return Err(MachineError::Unsupported {
+                what: format!("an eager split chunk of {chunk:#x} bytes"),
+                reason: format!("the supported block sizes here are {sizes:#x}"),
+            });
+        }
+        enable_vm_cap(
+            vm,
+            CAP_EAGER_SPLIT_CHUNK_SIZE,
+            chunk,
+            "KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE",
+        )?;
+    }
+    Ok(())
+}
+
 /// Page-table pages kept in the data region: (byte offset in the region, bytes as built).
 type TableBytes = Vec<(u64, Vec<u8>)>;
 
@@ -419,6 +509,7 @@ impl Machine {
                 reason,
             })?;
         let vm = Vm::new()?;
+        enable_tracking_caps(&vm, &config)?;
         if config.guest_page_size == GuestPageSize::Size1G {
             let facts = arch::guest_cpu_facts(vm.kvm()).map_err(MachineError::Config)?;
             if !facts.pages_1g {
@@ -534,15 +625,11 @@ impl Machine {
             )?;
         }
 
-        if let Some(bytes) = config.dirty_ring {
-            enable_dirty_ring(&vm, bytes)?;
-        }
         let mut vcpus = Vec::with_capacity(config.vcpus);
         let mut rings = Vec::new();
         for id in 0..config.vcpus {
             let fd = vm.create_vcpu_fd(id)?;
-            arch::set_cpuid(vm.kvm(), &fd, id)
-                .map_err(|text| MachineError::Vcpu { vcpu: id, text })?;
+            arch::init_vcpu(&vm, &fd, id).map_err(|text| MachineError::Vcpu { vcpu: id, text })?;
             if let Some(bytes) = config.dirty_ring {
                 let ring = DirtyRing::map(&fd, bytes as usize).map_err(|e| MachineError::Vcpu {
                     vcpu: id,
@@ -580,7 +667,8 @@ impl Machine {
 
     /// Set model-specific registers of vCPU `vcpu` (KVM_SET_MSRS, as a VMM does: the
     /// kvmclock and steal-time MSRs a CPL3 guest cannot write itself). Returns how many KVM
-    /// accepted, in order.
+    /// accepted, in order. x86 only.
+    #[cfg(target_arch = "x86_64")]
     pub fn set_msrs(&self, vcpu: usize, msrs: &[(u32, u64)]) -> Result<usize, MachineError> {
         let fd = self.vcpu_fd(vcpu).ok_or_else(|| MachineError::Vcpu {
             vcpu,
@@ -605,7 +693,8 @@ impl Machine {
     }
 
     /// Move the VM's kvmclock forward by `ns` (KVM_GET_CLOCK, KVM_SET_CLOCK): every vCPU
-    /// rewrites its kvmclock area at its next entry.
+    /// rewrites its kvmclock area at its next entry. x86 only.
+    #[cfg(target_arch = "x86_64")]
     pub fn advance_clock(&self, ns: u64) -> Result<(), MachineError> {
         let vm = self.vm.fd();
         let now = vm.get_clock().map_err(|e| MachineError::Vcpu {
@@ -892,6 +981,9 @@ impl Machine {
         let system = fixed_slot(&self.vm, SYSTEM_SLOT);
         for c in &compiled {
             system.write(c.base - SYSTEM_GPA, &c.bytes);
+            // arm64 fetches instructions through its own caches: clean and invalidate the new
+            // code to the point of unification (nothing to do on x86).
+            system.sync_icache(c.base - SYSTEM_GPA, c.bytes.len() as u64);
         }
         self.compiled = compiled;
         self.program = Some(program.clone());
@@ -1050,15 +1142,10 @@ impl Machine {
             return String::new();
         };
         let where_ = c.describe_rip(pc);
-        let insn = pc
-            .checked_sub(c.base)
-            .and_then(|off| usize::try_from(off).ok())
-            .filter(|&off| off < c.code_len)
-            .and_then(|off| decode_one(&c.bytes[off..c.code_len], pc))
-            .map_or_else(
-                || "no decodable instruction there".to_string(),
-                |l| format!("instruction `{}`", l.text),
-            );
+        let insn = c.instruction_at(pc).map_or_else(
+            || "no decodable instruction there".to_string(),
+            |l| format!("instruction `{}`", l.text),
+        );
         format!("{where_}, {insn}")
     }
 

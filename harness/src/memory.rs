@@ -376,6 +376,46 @@ impl GuestMemory {
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, bytes.len()) }
     }
 
+    /// Make code just written at `offset..offset + len` visible to instruction fetch: on arm64
+    /// clean the data cache and invalidate the instruction cache to the point of unification
+    /// for every cache line (`dc cvau`, `ic ivau`, with the barriers around them), which covers
+    /// the guest's view of the same physical memory; x86 keeps instruction fetch coherent, so
+    /// nothing is done there.
+    pub fn sync_icache(&self, offset: u64, len: u64) {
+        let start = self.at(offset, len) as usize;
+        #[cfg(target_arch = "aarch64")]
+        {
+            let ctr: u64;
+            // SAFETY: reading CTR_EL0 (cache type) has no side effect; Linux lets user space
+            // read it (or emulates the read).
+            unsafe { core::arch::asm!("mrs {0}, ctr_el0", out(reg) ctr, options(nomem, nostack)) };
+            // DminLine (bits 19:16) and IminLine (3:0) are log2 of the line sizes in words.
+            let dline = 4usize << ((ctr >> 16) & 15);
+            let iline = 4usize << (ctr & 15);
+            let end = start + usize::try_from(len).unwrap_or(0);
+            let mut at = start & !(dline - 1);
+            while at < end {
+                // SAFETY: `at` lies in the range `self.at` checked to be inside this mapping;
+                // cache maintenance by address reads no memory and changes no data, it only
+                // writes back and invalidates cache lines.
+                unsafe { core::arch::asm!("dc cvau, {0}", in(reg) at, options(nostack)) };
+                at += dline;
+            }
+            // SAFETY: barriers only order the maintenance above; they access no memory.
+            unsafe { core::arch::asm!("dsb ish", options(nostack)) };
+            let mut at = start & !(iline - 1);
+            while at < end {
+                // SAFETY: as for `dc cvau` above.
+                unsafe { core::arch::asm!("ic ivau, {0}", in(reg) at, options(nostack)) };
+                at += iline;
+            }
+            // SAFETY: as above.
+            unsafe { core::arch::asm!("dsb ish", "isb", options(nostack)) };
+        }
+        #[cfg(not(target_arch = "aarch64"))]
+        let _ = start;
+    }
+
     /// Zero `len` bytes at `offset`.
     pub fn zero(&self, offset: u64, len: u64) {
         let dst = self.at(offset, len);

@@ -129,7 +129,7 @@ impl std::fmt::Display for RunFailure {
                 format!("livelock: {count} exits without reaching a doorbell")
             }
             FailureKind::Shutdown => {
-                "shutdown (triple fault, or an instruction PVM cannot deliver at CPL3)".into()
+                "shutdown (x86 triple fault or an instruction PVM cannot deliver at CPL3; arm64 PSCI SYSTEM_OFF/RESET)".into()
             }
             FailureKind::InternalError { suberror } => {
                 format!("KVM internal error, suberror {suberror}")
@@ -309,6 +309,10 @@ impl Vcpu {
                 Seen::Stop(Stop::RingFull)
             }
             Ok(VcpuExit::Shutdown) => Seen::Fail(FailureKind::Shutdown, "SHUTDOWN".into()),
+            // arm64: PSCI SYSTEM_OFF / SYSTEM_RESET (the guest's way to stop for good).
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                Seen::Fail(FailureKind::Shutdown, format!("SYSTEM_EVENT type {kind}"))
+            }
             Ok(VcpuExit::InternalError) => {
                 // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the union
                 // member the kernel filled in.

@@ -26,8 +26,10 @@ pub fn trackers() -> Vec<TrackerSpec> {
         initially_set: true,
         granularity: ClearGranularity::Whole,
     });
-    for bytes in RING_SIZES {
-        out.push(TrackerSpec::DirtyRing { bytes });
+    for with_bitmap in [false, true] {
+        for bytes in RING_SIZES {
+            out.push(TrackerSpec::DirtyRing { bytes, with_bitmap });
+        }
     }
     out.push(TrackerSpec::UffdWpAsync);
     out.push(TrackerSpec::UffdWpSync);
@@ -50,7 +52,7 @@ fn spec(
 }
 
 /// The huge-page paths (family 6) and the backings each runs on.
-fn huge_paths() -> [(HugePath, &'static [Backing]); 5] {
+fn huge_paths() -> [(HugePath, &'static [Backing]); 7] {
     [
         (
             HugePath::Enable,
@@ -68,6 +70,8 @@ fn huge_paths() -> [(HugePath, &'static [Backing]); 5] {
         ),
         (HugePath::GuestHugeHostSmall, &[Backing::Anon]),
         (HugePath::GuestSmallHostHuge, &[Backing::Thp]),
+        (HugePath::EagerSplit { chunk_kib: 0 }, &[Backing::Thp]),
+        (HugePath::EagerSplit { chunk_kib: 2048 }, &[Backing::Thp]),
     ]
 }
 
@@ -113,7 +117,7 @@ pub fn matrix() -> Vec<TrialSpec> {
                     ));
                 }
             }
-            if matches!(tracker, TrackerSpec::DirtyRing { bytes: 4096 }) {
+            if matches!(tracker, TrackerSpec::DirtyRing { bytes: 4096, .. }) {
                 for vcpus in [2, 3] {
                     out.push(spec(
                         tracker,

@@ -63,6 +63,13 @@ pub enum HugePath {
     GuestHugeHostSmall,
     /// Guest 4 KiB mappings over huge host pages.
     GuestSmallHostHuge,
+    /// Enable with KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE set (arm64): KVM splits the huge
+    /// mappings in chunks of this many KiB when logging starts (or at CLEAR with manual
+    /// protect and INITIALLY_SET) instead of on each faulting write; 0 sets it off explicitly.
+    EagerSplit {
+        /// Chunk size in KiB (0: off).
+        chunk_kib: u32,
+    },
 }
 
 impl HugePath {
@@ -75,6 +82,11 @@ impl HugePath {
             Self::Race { vcpus } => format!("huge-race-v{vcpus}"),
             Self::GuestHugeHostSmall => "huge-guest2m-host4k".into(),
             Self::GuestSmallHostHuge => "huge-guest4k-host2m".into(),
+            Self::EagerSplit { chunk_kib: 0 } => "huge-eager-split-off".into(),
+            Self::EagerSplit { chunk_kib } if chunk_kib.is_multiple_of(1024) => {
+                format!("huge-eager-split-{}m", chunk_kib / 1024)
+            }
+            Self::EagerSplit { chunk_kib } => format!("huge-eager-split-{chunk_kib}k"),
         }
     }
 }

@@ -1,25 +1,7 @@
 //! Disassembly of generated code, for golden snapshots and watchdog reports.
 
+use crate::compiled::Line;
 use iced_x86::{Decoder, DecoderOptions, Formatter, Instruction, IntelFormatter};
-use std::fmt;
-
-/// One decoded instruction.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Line {
-    /// Guest address.
-    pub addr: u64,
-    /// Encoded bytes.
-    pub bytes: Vec<u8>,
-    /// Intel-syntax text.
-    pub text: String,
-}
-
-impl fmt::Display for Line {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let hex: String = self.bytes.iter().map(|b| format!("{b:02x}")).collect();
-        write!(f, "{:#010x}  {hex:<24} {}", self.addr, self.text)
-    }
-}
 
 fn formatter() -> IntelFormatter {
     let mut formatter = IntelFormatter::new();

@@ -20,7 +20,9 @@
 
 mod disasm;
 
-pub use disasm::{Line, decode_one, disassemble};
+pub use disasm::{decode_one, disassemble};
+
+pub use crate::compiled::{CompileError, Compiled, Isa, Line};
 
 use iced_x86::BlockEncoderOptions;
 use iced_x86::code_asm::{
@@ -32,94 +34,8 @@ use crate::layout::{
     DATA_GPA, DOORBELL_GPA, GuestPageSize, LeafEntries, PAGE_SIZE, UNMAPPED_GVA, control,
     control_page,
 };
-use crate::program::{Access, Misbehaviour, Op, PageSeq, Program, ProgramError, Repeat};
+use crate::program::{Access, Misbehaviour, Op, PageSeq, Program, Repeat};
 use crate::sim::stamp;
-
-/// A compiled thread, linked to run at `base`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Compiled {
-    /// The vCPU this code is for (its id is baked into stamps and addresses).
-    pub vcpu: usize,
-    /// Guest address of the first byte; also the entry point.
-    pub base: u64,
-    /// Code followed by read-only tables.
-    pub bytes: Vec<u8>,
-    /// Bytes of code before the tables.
-    pub code_len: usize,
-    /// Address of the first instruction of each op, in op order; the last entry is the `Done`
-    /// the compiler appended, if any.
-    pub op_addrs: Vec<u64>,
-    /// One description per entry of `op_addrs`.
-    pub op_names: Vec<String>,
-}
-
-impl Compiled {
-    /// Index of the op whose code contains `rip`, if `rip` is in this thread's code.
-    #[must_use]
-    pub fn op_at(&self, rip: u64) -> Option<usize> {
-        if rip < self.base || rip >= self.base + self.code_len as u64 {
-            return None;
-        }
-        self.op_addrs.iter().rposition(|&addr| addr <= rip)
-    }
-
-    /// "op 3 (write page 5 +0x8)" for the op containing `rip`, or a note that `rip` is elsewhere.
-    #[must_use]
-    pub fn describe_rip(&self, rip: u64) -> String {
-        match self.op_at(rip) {
-            Some(i) => format!("op {i} ({})", self.op_names[i]),
-            None => format!("outside vCPU {}'s code", self.vcpu),
-        }
-    }
-
-    /// Annotated disassembly of the code (tables are summarised, not decoded).
-    #[must_use]
-    pub fn listing(&self) -> String {
-        let mut out = String::new();
-        let lines = disassemble(&self.bytes[..self.code_len], self.base);
-        let mut next_op = 0;
-        for line in lines {
-            while next_op < self.op_addrs.len() && self.op_addrs[next_op] <= line.addr {
-                out.push_str(&format!("; op {next_op}: {}\n", self.op_names[next_op]));
-                next_op += 1;
-            }
-            out.push_str(&line.to_string());
-            out.push('\n');
-        }
-        let table_bytes = self.bytes.len() - self.code_len;
-        if table_bytes > 0 {
-            out.push_str(&format!(
-                "; {table_bytes} bytes of page-index tables (u32 entries)\n"
-            ));
-        }
-        out
-    }
-}
-
-/// Why a program could not be compiled.
-#[derive(Debug, thiserror::Error)]
-pub enum CompileError {
-    /// The program breaks a rule (see [`Program::validate`]).
-    #[error("invalid program: {0}")]
-    Program(#[from] ProgramError),
-    /// No thread for this vCPU.
-    #[error("program has no thread for vCPU {0}")]
-    NoThread(usize),
-    /// The assembler rejected an instruction (a compiler bug).
-    #[error("assembler: {0}")]
-    Assembler(String),
-    /// A page-table op, but the machine keeps the guest's page tables out of its reach, or
-    /// maps the data region with pages the op cannot handle.
-    #[error("op {op} ({what}): {why}")]
-    PageTables {
-        /// Op index.
-        op: usize,
-        /// The op.
-        what: String,
-        /// Why it cannot be compiled.
-        why: String,
-    },
-}
 
 impl From<IcedError> for CompileError {
     fn from(e: IcedError) -> Self {
@@ -141,15 +57,7 @@ pub fn compile_with(
     base: u64,
     leaf: Option<LeafEntries>,
 ) -> Result<Compiled, CompileError> {
-    program.validate()?;
-    let thread = program
-        .vcpus
-        .get(vcpu)
-        .ok_or(CompileError::NoThread(vcpu))?;
-    let mut ops: Vec<Op> = thread.ops.clone();
-    if !thread.ends_itself() {
-        ops.push(Op::Done);
-    }
+    let ops = crate::compiled::thread_ops(program, vcpu)?;
     let mut cg = Gen::new(vcpu, program.seq_base, leaf)?;
     let mut op_labels: Vec<CodeLabel> = ops.iter().map(|_| cg.a.create_label()).collect();
     cg.prologue()?;
@@ -172,6 +80,7 @@ pub fn compile_with(
         .map(|l| result.label_ip(l))
         .collect::<Result<Vec<u64>, IcedError>>()?;
     Ok(Compiled {
+        isa: Isa::X86_64,
         vcpu,
         base,
         bytes: result.inner.code_buffer,

@@ -291,6 +291,10 @@ pub enum TrackerSpec {
     DirtyRing {
         /// Ring size in bytes (a power of two, 4 KiB up to the cap's value).
         bytes: u32,
+        /// With KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP: the slots also keep the backup bitmap
+        /// (for writes made without a vCPU), read with KVM_GET_DIRTY_LOG at every collect.
+        #[serde(default)]
+        with_bitmap: bool,
     },
     /// userfaultfd async write-protect + PAGEMAP_SCAN.
     UffdWpAsync,
@@ -312,7 +316,12 @@ impl TrackerSpec {
                 initially_set: true,
                 ..
             } => Mechanism::ClearLogInitiallySet,
-            Self::DirtyRing { .. } => Mechanism::DirtyRing,
+            Self::DirtyRing {
+                with_bitmap: false, ..
+            } => Mechanism::DirtyRing,
+            Self::DirtyRing {
+                with_bitmap: true, ..
+            } => Mechanism::DirtyRingWithBitmap,
             Self::UffdWpAsync => Mechanism::UffdWpAsync,
             Self::UffdWpSync => Mechanism::UffdWpSync,
         }
@@ -334,11 +343,16 @@ impl TrackerSpec {
                 },
                 granularity.name()
             ),
-            Self::DirtyRing { bytes } => {
-                if bytes >= 1 << 20 {
-                    format!("dirty-ring/{}m", bytes >> 20)
+            Self::DirtyRing { bytes, with_bitmap } => {
+                let name = if with_bitmap {
+                    "dirty-ring-with-bitmap"
                 } else {
-                    format!("dirty-ring/{}k", bytes >> 10)
+                    "dirty-ring"
+                };
+                if bytes >= 1 << 20 {
+                    format!("{name}/{}m", bytes >> 20)
+                } else {
+                    format!("{name}/{}k", bytes >> 10)
                 }
             }
             other => other.mechanism().name().to_string(),
@@ -349,9 +363,22 @@ impl TrackerSpec {
     #[must_use]
     pub fn ring_bytes(self) -> Option<u32> {
         match self {
-            Self::DirtyRing { bytes } => Some(bytes),
+            Self::DirtyRing { bytes, .. } => Some(bytes),
             _ => None,
         }
+    }
+
+    /// Whether the machine's ring must come with the backup bitmap
+    /// (KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP).
+    #[must_use]
+    pub fn ring_with_bitmap(self) -> bool {
+        matches!(
+            self,
+            Self::DirtyRing {
+                with_bitmap: true,
+                ..
+            }
+        )
     }
 
     /// Build the tracker.
@@ -363,7 +390,7 @@ impl TrackerSpec {
                 initially_set,
                 granularity,
             } => Box::new(ClearLog::new(initially_set, granularity)),
-            Self::DirtyRing { .. } => Box::new(DirtyRingTracker::default()),
+            Self::DirtyRing { with_bitmap, .. } => Box::new(DirtyRingTracker::new(with_bitmap)),
             Self::UffdWpAsync => Box::new(UffdWpAsync::default()),
             Self::UffdWpSync => Box::new(UffdWpSync::default()),
         }

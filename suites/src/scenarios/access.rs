@@ -132,7 +132,9 @@ pub(super) fn precheck(kind: AccessKind, host: &HostProfile) -> Result<(), Strin
     let mech = match kind {
         AccessKind::PageIdle => trackcheck_harness::Mechanism::PageIdle,
         AccessKind::Damon => trackcheck_harness::Mechanism::Damon,
-        AccessKind::GuestAd | AccessKind::GuestAdNoFlush => return Ok(()),
+        AccessKind::GuestAd | AccessKind::GuestAdNoFlush => {
+            trackcheck_harness::Mechanism::GuestAdBits
+        }
     };
     match mech.support(host).reason() {
         Some(r) => Err(format!("{mech}: {r}")),

@@ -93,6 +93,9 @@ fn machine(spec: &TrialSpec, path: HugePath, vcpus: usize) -> Result<Machine, Tr
     let (guest_page_size, pages) = shape(path);
     let mut config = super::machine_config(spec, pages, vcpus, spec.tracker.ring_bytes());
     config.guest_page_size = guest_page_size;
+    if let HugePath::EagerSplit { chunk_kib } = path {
+        config.eager_split_chunk = Some(u64::from(chunk_kib) * 1024);
+    }
     Ok(Machine::new(config)?)
 }
 
@@ -173,9 +176,10 @@ pub(super) fn run(
     tracker: &mut TrialTracker,
 ) -> Result<Findings, TrialError> {
     match path {
-        HugePath::Enable | HugePath::GuestHugeHostSmall | HugePath::GuestSmallHostHuge => {
-            once(spec, path, seed, tracker)
-        }
+        HugePath::Enable
+        | HugePath::GuestHugeHostSmall
+        | HugePath::GuestSmallHostHuge
+        | HugePath::EagerSplit { .. } => once(spec, path, seed, tracker),
         HugePath::Recover => recover(spec, seed, tracker),
         HugePath::Race { vcpus } => race(spec, usize::from(vcpus), seed, tracker),
     }

@@ -106,6 +106,20 @@ fn program(seed: u64) -> Program {
     Program::new(PAGES, threads)
 }
 
+/// arm64 KVM has no kvmclock or steal-time MSRs; its PV stolen time
+/// (KVM_ARM_VCPU_PVTIME_CTRL) is not driven by this family yet.
+#[cfg(not(target_arch = "x86_64"))]
+pub(super) fn run(
+    _spec: &TrialSpec,
+    _seed: u64,
+    _tracker: &mut TrialTracker,
+) -> Result<Findings, TrialError> {
+    Err(TrialError::Skip(
+        "KVM's own writes are driven through x86's kvmclock and steal-time MSRs; arm64 PV stolen time (KVM_ARM_VCPU_PVTIME_CTRL) is not implemented in this family".into(),
+    ))
+}
+
+#[cfg(target_arch = "x86_64")]
 pub(super) fn run(
     spec: &TrialSpec,
     seed: u64,
