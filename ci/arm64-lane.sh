@@ -55,12 +55,12 @@ times_report() {
 # ---------------------------------------------------------------- install
 step "install (only what is missing)"
 need_pkgs=()
-have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q '^install ok installed$'; }
+have_pkg() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]; }
 for p in rustc-web cargo-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu \
          binutils-aarch64-linux-gnu libc6-dev-arm64-cross qemu-system-arm cpio bc; do
   have_pkg "$p" || need_pkgs+=("$p")
 done
-if ! dpkg --print-foreign-architectures | grep -qx arm64; then
+if ! grep -qx arm64 <(dpkg --print-foreign-architectures); then
   [ "$(id -u)" = 0 ] || { echo "arm64-lane: run as root once to add the arm64 architecture (dpkg --add-architecture arm64)" >&2; exit 1; }
   dpkg --add-architecture arm64
   apt-get update -qq
@@ -139,7 +139,7 @@ mount -t tmpfs tmp /tmp; mount -t tmpfs run /run
 export PATH=/bin TRACKCHECK_GOLDEN=/lane/golden/matrix HOME=/tmp
 . /lane/settings
 mkdir -p /lane/out
-echo "=== lane: booted $(uname -r), $(nproc) CPUs, $(grep MemTotal /proc/meminfo)"
+echo "=== lane: booted $(uname -r), $(nproc) CPUs, $(grep MemTotal /proc/meminfo), uptime $(cut -d' ' -f1 /proc/uptime) s"
 # run NAME CMD...: stdout+stderr to the console and /lane/out/NAME.log, status to /lane/out/NAME.rc
 run() {
   name=$1; shift
@@ -174,7 +174,17 @@ timeout --foreground -k 10 "$TIMEOUT" qemu-system-aarch64 \
   < /dev/null 2>&1 | tr -d '\r' | tee "$console" | sed -u '/^=== TRACKCHECK-OUT BEGIN/,/^=== TRACKCHECK-OUT END/d'
 qemu_rc=${PIPESTATUS[0]}
 set -e
-phase_end run
+# Split the qemu phase at the guest's "booted" line: its uptime is the boot (kernel start to
+# init), the rest is the trials.
+boot_s=$(sed -n 's/^=== lane: booted .*uptime \([0-9.]*\) s$/\1/p' "$console" | head -1)
+if [ -n "$boot_s" ]; then
+  t=$(now)
+  PHASES+=("$(printf '%-8s %7.1f s' boot "$boot_s")")
+  PHASES+=("$(printf '%-8s %7.1f s' run "$(echo "$t - $phase_start - $boot_s" | bc)")")
+  phase_start=$t
+else
+  phase_end boot+run
+fi
 
 # ---------------------------------------------------------------- judge
 step "reports"
@@ -185,7 +195,7 @@ if ! grep -q '^=== TRACKCHECK-OUT END' "$console"; then
 fi
 sed -n '/^=== TRACKCHECK-OUT BEGIN/,/^=== TRACKCHECK-OUT END/p' "$console" | sed '1d;$d' | base64 -d | tar -C "$OUT" -xzf -
 mv "$OUT/out"/* "$OUT/" && rmdir "$OUT/out"
-ls -R "$OUT" | head -30
+ls "$OUT" "$OUT"/matrix "$OUT"/selftest 2>/dev/null || true
 if [ $BLESS = 1 ] && [ -d "$OUT/golden" ]; then
   for f in "$OUT"/golden/aarch64-*.snap; do cp "$f" golden/matrix/ && echo "blessed: golden/matrix/$(basename "$f")"; done
 fi
