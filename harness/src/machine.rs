@@ -290,31 +290,27 @@ fn enable_dirty_ring(vm: &Vm, bytes: u32) -> Result<(), MachineError> {
             "ring sizes here are powers of two from 4096 to {max} bytes"
         )));
     }
-    let arg = kvm_bindings::kvm_enable_cap {
+    // KVM refuses rings smaller than its reserved entries (64 plus the PML buffer where PML
+    // is on), which only the kernel knows.
+    enable_vm_cap(
+        vm,
         cap,
-        args: [u64::from(bytes), 0, 0, 0],
-        ..Default::default()
-    };
-    vm.fd().enable_cap(&arg).map_err(|e| {
-        let text = crate::sys::errno_text(e.errno());
-        if e.errno() == libc::EINVAL {
-            // KVM refuses rings smaller than its reserved entries (64 plus the PML buffer
-            // where PML is on), which only the kernel knows.
-            unsupported(format!(
-                "KVM_ENABLE_CAP rejected it: {text} (smaller than KVM's reserved entries?)"
-            ))
-        } else {
-            MachineError::Vcpu {
-                vcpu: 0,
-                text: format!("KVM_ENABLE_CAP(dirty ring, {bytes} bytes): {text}"),
-            }
-        }
-    })
+        u64::from(bytes),
+        &format!("a {bytes}-byte dirty ring"),
+        " (smaller than KVM's reserved entries?)",
+    )
 }
 
 /// A VM capability through KVM_ENABLE_CAP; `what` names it in errors. `EINVAL` is a skip
-/// (this kernel or configuration does not take it), anything else an error.
-fn enable_vm_cap(vm: &Vm, cap: u32, arg: u64, what: &str) -> Result<(), MachineError> {
+/// (this kernel or configuration does not take it; `einval_hint` says why it may not), anything
+/// else an error.
+fn enable_vm_cap(
+    vm: &Vm,
+    cap: u32,
+    arg: u64,
+    what: &str,
+    einval_hint: &str,
+) -> Result<(), MachineError> {
     let arg = kvm_bindings::kvm_enable_cap {
         cap,
         args: [arg, 0, 0, 0],
@@ -325,7 +321,7 @@ fn enable_vm_cap(vm: &Vm, cap: u32, arg: u64, what: &str) -> Result<(), MachineE
         if e.errno() == libc::EINVAL {
             MachineError::Unsupported {
                 what: what.into(),
-                reason: format!("KVM_ENABLE_CAP rejected it: {text}"),
+                reason: format!("KVM_ENABLE_CAP rejected it: {text}{einval_hint}"),
             }
         } else {
             MachineError::Vcpu {
@@ -360,6 +356,7 @@ fn enable_tracking_caps(vm: &Vm, config: &MachineConfig) -> Result<(), MachineEr
                 CAP_RING_WITH_BITMAP,
                 0,
                 "KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP",
+                "",
             )?;
         }
     } else if config.dirty_ring_with_bitmap {
@@ -387,6 +384,7 @@ fn enable_tracking_caps(vm: &Vm, config: &MachineConfig) -> Result<(), MachineEr
             CAP_EAGER_SPLIT_CHUNK_SIZE,
             chunk,
             "KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE",
+            "",
         )?;
     }
     Ok(())
