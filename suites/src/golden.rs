@@ -519,6 +519,8 @@ mod tests {
             vcpu: 0,
             seq: 1,
             round: 2,
+            block_reported: None,
+            ring_full: None,
         };
         // Lost the injected page 0 and the kernel's page 7.
         let result = || {

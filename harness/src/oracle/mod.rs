@@ -113,6 +113,15 @@ pub struct LostPage {
     /// Harvest round (1-based) by which it should have been reported; rounds after the last
     /// one mean the final harvest.
     pub round: u32,
+    /// Pages of the lost page's 2 MiB-aligned guest-physical block that the mechanism reported
+    /// in the round the loss belongs to (`None` where the check did not see that round's
+    /// report). Lets a known-failure signature say "silent neighbours of a reported page".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_reported: Option<u32>,
+    /// Whether the vCPU that made the lost write took a KVM_EXIT_DIRTY_RING_FULL exit in the
+    /// round the loss belongs to (`None` where not known: no ring, or not recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ring_full: Option<bool>,
 }
 
 impl LostPage {
@@ -133,6 +142,8 @@ impl LostPage {
             vcpu,
             seq,
             round,
+            block_reported: None,
+            ring_full: None,
         }
     }
 }
