@@ -102,12 +102,11 @@ pub fn matrix() -> Vec<TrialSpec> {
             for b in narrow {
                 out.push(spec(tracker, Scenario::Race, b, mode));
             }
-            for (pattern, vcpus, backings) in [
-                (Pattern::Sequential, 1, wide.as_slice()),
-                (Pattern::Random, 2, wide.as_slice()),
-                (Pattern::Strided, 3, narrow.as_slice()),
-                (Pattern::HotCold, 4, narrow.as_slice()),
-            ] {
+            for ((pattern, vcpus), backings) in
+                CONCURRENT
+                    .into_iter()
+                    .zip([&wide[..], &wide[..], &narrow[..], &narrow[..]])
+            {
                 for &b in backings {
                     out.push(spec(
                         tracker,
@@ -204,21 +203,25 @@ pub fn matrix() -> Vec<TrialSpec> {
 }
 
 /// The oracle's self-tests: every tracker with every fault, in the scenarios where the fault
+/// The concurrent families: (pattern, vCPUs), in the matrix and in the self-tests alike.
+const CONCURRENT: [(Pattern, u8); 4] = [
+    (Pattern::Sequential, 1),
+    (Pattern::Random, 2),
+    (Pattern::Strided, 3),
+    (Pattern::HotCold, 4),
+];
+
 /// can lose a write (copy-before-rearm needs a write between the copy and the rearm: race).
 #[must_use]
 pub fn selftests() -> Vec<TrialSpec> {
     let mut out = Vec::new();
     for tracker in trackers() {
-        let scenarios = [
+        // The concurrent families as the matrix runs them (same patterns, vCPUs and programs).
+        let concurrent = CONCURRENT
+            .map(|(pattern, vcpus)| (Scenario::Concurrent { pattern, vcpus }, Backing::Anon));
+        let scenarios = concurrent.into_iter().chain([
             (Scenario::Stepped, Backing::Anon),
             (Scenario::Race, Backing::Anon),
-            (
-                Scenario::Concurrent {
-                    pattern: Pattern::Sequential,
-                    vcpus: 2,
-                },
-                Backing::Anon,
-            ),
             (
                 Scenario::Huge {
                     path: HugePath::Enable,
@@ -254,12 +257,18 @@ pub fn selftests() -> Vec<TrialSpec> {
             (Scenario::Memslot { op: SlotOp::Move }, Backing::Anon),
             (Scenario::Memslot { op: SlotOp::Toggle }, Backing::Anon),
             (
+                Scenario::Memslot {
+                    op: SlotOp::ManyConcurrent,
+                },
+                Backing::Anon,
+            ),
+            (
                 Scenario::Huge {
                     path: HugePath::Race { vcpus: 3 },
                 },
                 Backing::Thp,
             ),
-        ];
+        ]);
         for (scenario, backing) in scenarios {
             for fault in Fault::ALL {
                 if scenario.loses_under(fault).is_ok() {

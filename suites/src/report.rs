@@ -87,7 +87,7 @@ impl RunReport {
 
     /// Injected losses caught and missed (self-test runs).
     #[must_use]
-    pub fn selftest_counts(&self) -> Option<(usize, usize)> {
+    pub fn selftest_counts(&self) -> Option<SelftestCounts> {
         let injected: Vec<&TrialResult> = self
             .trials
             .iter()
@@ -99,8 +99,22 @@ impl RunReport {
         if injected.is_empty() {
             return None;
         }
-        let caught_n = injected.iter().filter(|t| caught(t)).count();
-        Some((caught_n, injected.len() - caught_n))
+        let mut counts = SelftestCounts::default();
+        for t in injected {
+            if caught(t) {
+                counts.caught += 1;
+            } else {
+                counts.missed += 1;
+            }
+            if let Some(must) = &t.injected_lost {
+                counts.dropped += must.len();
+                counts.dropped_named += must
+                    .iter()
+                    .filter(|p| t.lost.iter().any(|l| (l.slot, l.page) == **p))
+                    .count();
+            }
+        }
+        Some(counts)
     }
 
     /// The final table and summary.
@@ -178,10 +192,11 @@ impl RunReport {
                 }
             }
         }
-        if let Some((caught_n, missed)) = self.selftest_counts() {
+        if let Some(c) = self.selftest_counts() {
             let _ = writeln!(
                 out,
-                "\nself-test: {caught_n} injected losses caught (failed naming only pages the fault touched), {missed} missed"
+                "\nself-test: {} injected losses caught (failed naming only pages the fault touched, and every page it surely lost), {} missed; drop-page: {} pages dropped with a write at stake, {} of them named",
+                c.caught, c.missed, c.dropped, c.dropped_named
             );
         }
         let counts: Vec<String> = self
@@ -254,15 +269,65 @@ impl RunReport {
     }
 }
 
-/// Whether the oracle caught a trial's injected loss: it failed, named lost pages, and every
-/// one of them is a page the fault touched.
+/// What a self-test run showed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SelftestCounts {
+    /// Trials whose injected loss the oracle caught.
+    pub caught: usize,
+    /// Trials whose injected loss it missed (or where it named pages the fault did not touch).
+    pub missed: usize,
+    /// `drop-page`: dropped pages that each lost a write (summed over trials that know).
+    pub dropped: usize,
+    /// Of those, the ones the oracle named.
+    pub dropped_named: usize,
+}
+
+/// Whether the oracle caught a trial's injected loss (see [`judge_selftest`]).
 #[must_use]
 pub fn caught(t: &TrialResult) -> bool {
-    let affected: std::collections::BTreeSet<(u32, u64)> =
-        t.injected_pages.iter().flatten().copied().collect();
-    t.verdict == Verdict::Fail
-        && !t.lost.is_empty()
-        && t.lost.iter().all(|l| affected.contains(&(l.slot, l.page)))
+    judge_selftest(t).is_ok()
+}
+
+/// Judge a self-test: the oracle caught its injected loss when the trial failed, named lost
+/// pages, every page it named is one the fault touched, and it named every page the fault
+/// surely lost (`drop-page` where the driver knew the pages at stake: then named = dropped,
+/// exactly). The error says what was missed or wrongly named.
+pub fn judge_selftest(t: &TrialResult) -> Result<(), String> {
+    use std::collections::BTreeSet;
+    let affected: BTreeSet<(u32, u64)> = t.injected_pages.iter().flatten().copied().collect();
+    let named: BTreeSet<(u32, u64)> = t.lost.iter().map(|l| (l.slot, l.page)).collect();
+    let must: BTreeSet<(u32, u64)> = t.injected_lost.iter().flatten().copied().collect();
+    let fault = t.spec.inject.map_or("no fault", |f| f.name());
+    if t.verdict != Verdict::Fail || named.is_empty() {
+        return Err(format!(
+            "{fault} was not caught: verdict {} ({}); the fault touched {} page(s), surely lost {}; seed {}",
+            t.verdict.name(),
+            t.reason.as_deref().unwrap_or_default(),
+            affected.len(),
+            must.len(),
+            t.seed
+        ));
+    }
+    let wrong: Vec<&(u32, u64)> = named.difference(&affected).collect();
+    if !wrong.is_empty() {
+        return Err(format!(
+            "the oracle named {} page(s) the fault did not touch: {:?}; seed {}",
+            wrong.len(),
+            wrong.iter().take(8).collect::<Vec<_>>(),
+            t.seed
+        ));
+    }
+    let missed: Vec<&(u32, u64)> = must.difference(&named).collect();
+    if !missed.is_empty() {
+        return Err(format!(
+            "the oracle missed {} of {} dropped page(s) that each lost a write: {:?}; seed {}",
+            missed.len(),
+            must.len(),
+            missed.iter().take(8).collect::<Vec<_>>(),
+            t.seed
+        ));
+    }
+    Ok(())
 }
 
 /// A reason on one line without `#` (which would start a new KTAP directive).

@@ -313,9 +313,9 @@ impl Scenario {
                 },
                 _,
             ) => Err(
-                "with a fault injected the concurrent guest writes each page once, so a page \
-                 left writable is never written again, and whether a write lands between copy \
-                 and rearm is timing",
+                "the guest writes while the host harvests: whether a page left writable is \
+                 written again before the run ends, or a write lands between copy and rearm, is \
+                 timing (the race scenario loses these deterministically; drop-page runs here)",
             ),
             (Self::KvmWrites, Fault::SkipRearm) => Err(
                 "KVM sets the dirty state of its own writes directly, not through a \

@@ -127,6 +127,10 @@ pub struct TrialResult {
     pub evidence: Vec<String>,
     /// Pages an injected fault touched (self-tests).
     pub injected_pages: Option<Vec<(u32, u64)>>,
+    /// `drop-page` self-tests whose driver knew the pages at stake: the dropped pages, each a
+    /// lost write the oracle must name (so named = injected, exactly).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub injected_lost: Option<Vec<(u32, u64)>>,
     /// The trial, to replay it.
     pub spec: TrialSpec,
 }
@@ -156,6 +160,7 @@ impl TrialResult {
             duration_ms: 0.0,
             evidence: Vec::new(),
             injected_pages: None,
+            injected_lost: None,
             spec: *spec,
         }
     }
@@ -243,6 +248,7 @@ pub fn run_trial(
             result.rounds = r.rounds;
             result.evidence = f.evidence;
             result.injected_pages = f.affected.map(|a| a.iter().collect());
+            result.injected_lost = f.lost_for_sure.map(|a| a.iter().collect());
             result.lost = r.lost;
             result.evidence.extend(f.hazards.iter().cloned());
             result

@@ -1,10 +1,9 @@
 //! The oracle's self-test: every tracker wrapped with each deliberate loss. A trial passes when
-//! the oracle fails the run and every lost page it names is one the fault touched
-//! (`report::caught`). Faults that cannot lose writes in a scenario or on a mechanism (its
+//! the oracle fails the run, every lost page it names is one the fault touched, and it names
+//! every page the fault surely lost (`report::judge_selftest`). Faults that cannot lose writes in a scenario or on a mechanism (its
 //! rearm is atomic, or skipping it keeps the pages dirty) are ignored with that reason.
 #![forbid(unsafe_code)]
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use libtest_mimic::{Arguments, Completion, Failed, Trial};
@@ -35,27 +34,9 @@ fn main() {
                 if r.verdict == Verdict::Skip {
                     return Ok(Completion::ignored_with(r.reason.unwrap_or_default()));
                 }
-                if report::caught(&r) {
-                    return Ok(Completion::Completed);
-                }
-                let affected: BTreeSet<(u32, u64)> =
-                    r.injected_pages.iter().flatten().copied().collect();
-                let lost: BTreeSet<(u32, u64)> = r.lost.iter().map(|l| (l.slot, l.page)).collect();
-                let wrong: Vec<&(u32, u64)> = lost.difference(&affected).collect();
-                Err(Failed::from(if lost.is_empty() || r.verdict != Verdict::Fail {
-                    format!(
-                        "{fault} was not caught: verdict {} ({}); the fault touched {} pages; seed {}",
-                        r.verdict.name(),
-                        r.reason.unwrap_or_default(),
-                        affected.len(),
-                        r.seed
-                    )
-                } else {
-                    format!(
-                        "the oracle named pages the fault did not touch: {wrong:?} (lost {lost:?}, affected {affected:?}); seed {}",
-                        r.seed
-                    )
-                }))
+                report::judge_selftest(&r)
+                    .map(|()| Completion::Completed)
+                    .map_err(Failed::from)
             })
             .with_ignored_flag(skip.is_some())
         })

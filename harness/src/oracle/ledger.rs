@@ -193,8 +193,9 @@ impl<'p> Ledger<'p> {
                 .locate(data_page)
                 .unwrap_or((u32::MAX, data_page));
             if !reported.contains(slot, page) {
-                self.report
-                    .add_lost(LostPage::at(&self.layout, data_page, w.vcpu, w.seq, round));
+                let mut lost = LostPage::at(&self.layout, data_page, w.vcpu, w.seq, round);
+                lost.block_reported = Some(super::block_reported(&self.layout, lost.gpa, reported));
+                self.report.add_lost(lost);
             }
         }
         self.report.written += required;
@@ -304,6 +305,22 @@ impl<'p> Ledger<'p> {
     #[must_use]
     pub fn accounted(&self) -> &[u64] {
         &self.accounted
+    }
+
+    /// Pages the next collect must report: an unsynced write, no collect awaiting its copy
+    /// (a fault injector drops one of these, so every injected drop loses a write).
+    #[must_use]
+    pub fn at_stake(&self) -> PageSet {
+        let mut out = PageSet::new();
+        for (data_page, state) in self.pages.iter().enumerate() {
+            if state.unsynced.is_some()
+                && !state.pending
+                && let Some((slot, page)) = self.layout.locate(data_page as u64)
+            {
+                out.insert(slot, page);
+            }
+        }
+        out
     }
 
     /// Data pages that were written at least once.

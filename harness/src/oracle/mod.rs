@@ -11,11 +11,17 @@
 //! - [`Shadow`] (every run): the host keeps a copy of guest memory, updated only with the pages
 //!   the mechanism reported, at the copy step. After the vCPUs stop and a final harvest, the copy
 //!   must equal guest memory; a difference is a lost write, named by the stamp in memory.
+//!   Alone it cannot see a lost report of a page written and reported again later.
+//! - [`RunningCheck`] (runs where the vCPUs keep writing while the host harvests): after every
+//!   harvest's copy, every write published before that collect must be in the shadow —
+//!   containment per harvest, which sees the losses the final comparison cannot.
 
 mod ledger;
+mod running;
 mod shadow;
 
 pub use ledger::{CollectContext, ExtraRecord, Ledger};
+pub use running::RunningCheck;
 pub use shadow::{Mismatch, Shadow, attribute_round};
 
 use serde::{Deserialize, Serialize};
@@ -93,6 +99,22 @@ impl DataLayout {
             .find(|e| e.slot == slot && page < e.pages)
             .map(|e| e.first_page + page)
     }
+}
+
+/// Pages of `gpa`'s 2 MiB-aligned guest-physical block that `reported` holds (see
+/// [`LostPage::block_reported`]).
+#[must_use]
+pub fn block_reported(layout: &DataLayout, gpa: u64, reported: &crate::track::PageSet) -> u32 {
+    const BLOCK: u64 = 2 << 20;
+    let n = reported
+        .iter()
+        .filter(|&(slot, page)| {
+            layout
+                .data_page(slot, page)
+                .is_some_and(|dp| layout.gpa(dp) / BLOCK == gpa / BLOCK)
+        })
+        .count();
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 /// A write that was never reported.

@@ -67,6 +67,17 @@ impl Shadow {
         }
     }
 
+    /// The shadow's word at byte `offset` of data page `data_page` (0 outside the region).
+    #[must_use]
+    pub fn word(&self, data_page: u64, offset: u16) -> u64 {
+        let at = usize::try_from(data_page * PAGE_SIZE + u64::from(offset)).unwrap_or(usize::MAX);
+        self.bytes.get(at..at.saturating_add(8)).map_or(0, |b| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(b);
+            u64::from_le_bytes(w)
+        })
+    }
+
     /// Every word of data page `data_page` where the shadow and guest memory differ.
     #[must_use]
     pub fn differing_words(&self, data: &GuestMemory, data_page: u64) -> Vec<Mismatch> {

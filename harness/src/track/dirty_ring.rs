@@ -13,9 +13,10 @@
 //! ring and before any memslot): KVM logs writes made in vCPU context to the ring and writes
 //! made without one (arm64: vgic/ITS table saves) to the slot's bitmap. Collect takes the ring
 //! first, then KVM_GET_DIRTY_LOG of every slot (which clears and write-protects what it
-//! returns), the bitmap last as the API asks. Pages only the bitmap reported are counted in the
-//! evidence: the generated guests write only from vCPU context, so the ring alone should have
-//! every page. A slot with the bitmap also counts as "logging" to arm64's fault path
+//! returns), the bitmap last as the API asks. Pages only the bitmap reported are a problem
+//! ([`Tracker::problems`]): the generated guests write only from vCPU context and nothing here
+//! makes KVM write guest memory without a vCPU (no vgic/ITS table saves), so each such page is
+//! a write the ring lost and the bitmap happened to cover. A slot with the bitmap also counts as "logging" to arm64's fault path
 //! (`memslot_is_logging()` tests `dirty_bitmap`), so huge mappings are split on write.
 
 use super::{Allowance, KernelTime, PageSet, RearmKind, TrackCtx, TrackError, Tracker};
@@ -34,6 +35,8 @@ pub struct DirtyRingTracker {
     bitmap: Vec<u64>,
     /// Pages the backup bitmap reported that the ring did not, and bitmap reads made.
     bitmap_only: u64,
+    /// The first few of them, with the bitmap read (1-based) that found each.
+    bitmap_only_examples: Vec<(u32, u64, u64)>,
     bitmap_reads: u64,
     /// Entries naming a slot this tracker does not track, or address space 1 (SMM): counted
     /// and named in the evidence, never silently dropped.
@@ -78,6 +81,10 @@ impl DirtyRingTracker {
                     bits &= bits - 1;
                     if out.insert(slot, page) {
                         self.bitmap_only += 1;
+                        if self.bitmap_only_examples.len() < 4 {
+                            self.bitmap_only_examples
+                                .push((slot, page, self.bitmap_reads));
+                        }
                     }
                 }
             }
@@ -160,6 +167,22 @@ impl Tracker for DirtyRingTracker {
             ));
         }
         out
+    }
+
+    fn problems(&self) -> Vec<String> {
+        if self.bitmap_only == 0 {
+            return Vec::new();
+        }
+        let examples: Vec<String> = self
+            .bitmap_only_examples
+            .iter()
+            .map(|(slot, page, read)| format!("slot {slot} page {page} at bitmap read {read}"))
+            .collect();
+        vec![format!(
+            "{} page(s) reported only by the backup bitmap, not the dirty ring ({}): these guests write only from vCPU context, so each is a write the ring lost",
+            self.bitmap_only,
+            examples.join(", ")
+        )]
     }
 
     fn take_kernel_time(&mut self) -> KernelTime {

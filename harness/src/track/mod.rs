@@ -239,6 +239,20 @@ pub trait Tracker: Send + std::fmt::Debug {
 
     /// Kernel time since the last call, reset to zero.
     fn take_kernel_time(&mut self) -> KernelTime;
+
+    /// The oracle's pages with a write the next collect must report. Mechanisms ignore it; the
+    /// fault injector ([`inject`]) drops only such a page, so each injected drop loses a write
+    /// and the self-test can demand that the oracle names exactly the dropped pages. Drivers
+    /// that cannot tell call nothing (the injector then drops the lowest reported page).
+    fn note_at_stake(&mut self, pages: &PageSet) {
+        let _ = pages;
+    }
+
+    /// Findings about what the mechanism reported that are not losses but are wrong for this
+    /// host's guests (e.g. pages only a ring's backup bitmap reported): each a sentence.
+    fn problems(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// Something a tracker can work on: a stopped machine, or the view of a running one.

@@ -1,7 +1,15 @@
 //! Concurrent harvest: vCPUs write continuously while the host harvests in a loop, copying
-//! reported pages to a shadow. After the vCPUs stop and a final harvest, the shadow must equal
-//! guest memory; a difference names the lost write by its stamp, and the harvest round that
-//! should have reported it by the progress snapshots taken before each collect.
+//! reported pages to a shadow. Two checks:
+//! - at every harvest ([`RunningCheck`]): after the copy, every write the vCPUs published before
+//!   that collect (progress snapshot + reference interpreter) must be in the shadow — this sees
+//!   a lost report of a page that is written and reported again later;
+//! - after the vCPUs stop and a final harvest, the shadow must equal guest memory; a difference
+//!   names the lost write by its stamp, and the round that should have reported it by the
+//!   progress snapshots.
+//!
+//! A self-test runs the same endless program as the trial; the driver tells the fault injector
+//! which pages each collect must report, so every injected drop loses a write the per-harvest
+//! check must name.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -9,7 +17,7 @@ use std::time::{Duration, Instant};
 use trackcheck_guests::sim::{ThreadEvents, writes_through};
 use trackcheck_harness::Stop;
 use trackcheck_harness::machine::{Machine, RunView, VcpuState};
-use trackcheck_harness::oracle::{LostPage, Shadow, attribute_round};
+use trackcheck_harness::oracle::{LostPage, RunningCheck, Shadow, attribute_round};
 use trackcheck_harness::track::{PageSet, Step, TrackSource, Tracker, harvest};
 
 use super::{Findings, TrialError, TrialTracker, check_mode};
@@ -62,37 +70,29 @@ pub(super) fn run(
     };
     let vcpus = usize::from(vcpus);
     let pages = super::data_pages(&spec.scenario);
-    // With a fault injected, each page is written once, so a page the fault lost is never
-    // written (and reported) again: the self-test is deterministic.
-    let program = if spec.inject.is_some() {
-        programs::write_once(vcpus, pages)
-    } else {
-        programs::concurrent(seed, pattern, vcpus, pages)
-    };
+    let program = programs::concurrent(seed, pattern, vcpus, pages);
     let mut m = super::machine(spec, spec.tracker.ring_bytes())?;
-    let findings = drive_program(&mut m, &program, tracker.get(), spec.inject.is_some())?;
+    let findings = drive_program(&mut m, &program, tracker.get())?;
     m.detach(tracker.get())?;
     Ok(findings)
 }
 
-/// Run `program` (endless writers, or each page once with `write_once`) on `m` while
-/// harvesting with `tracker` in a loop; the shadow oracle's findings. The tracker stays
-/// attached.
+/// Run the endless `program` on `m` while harvesting with `tracker` in a loop; the findings of
+/// the per-harvest and final checks. The tracker stays attached.
 pub(super) fn drive_program(
     m: &mut Machine,
     program: &trackcheck_guests::Program,
     tracker: &mut dyn Tracker,
-    write_once: bool,
 ) -> Result<Findings, TrialError> {
-    drive_program_with(m, program, tracker, write_once, &mut |_, _, _, _| Ok(()))
+    drive_program_with(m, program, tracker, &mut |_, _, _, _| Ok(()))
 }
 
-/// [`drive_program`] with `between` run after every harvest while the vCPUs run.
+/// [`drive_program`] with `between` run after every harvest (and its check) while the vCPUs
+/// run.
 pub(super) fn drive_program_with(
     m: &mut Machine,
     program: &trackcheck_guests::Program,
     tracker: &mut dyn Tracker,
-    write_once: bool,
     between: Between<'_>,
 ) -> Result<Findings, TrialError> {
     let mut limits = m.limits();
@@ -101,14 +101,7 @@ pub(super) fn drive_program_with(
     // the ring-full patience, so only a real hang trips it.
     limits.watchdog = MAX_DURATION + 4 * RING_FULL_PATIENCE + Duration::from_secs(10);
     m.set_limits(limits);
-    drive(
-        m,
-        program,
-        tracker,
-        write_once,
-        &min_writes(program),
-        between,
-    )
+    drive(m, program, tracker, &min_writes(program), between)
 }
 
 /// Writes each vCPU must make: [`MIN_WRITES`], or one pass over its pages if that is shorter.
@@ -141,7 +134,6 @@ fn drive(
     m: &mut Machine,
     program: &trackcheck_guests::Program,
     tracker: &mut dyn Tracker,
-    write_once: bool,
     min_writes: &[u64],
     between: Between<'_>,
 ) -> Result<Findings, TrialError> {
@@ -151,8 +143,11 @@ fn drive(
     m.attach(tracker)?;
     let layout = m.data_layout();
     let mut shadow = Shadow::new(layout.clone(), m.data());
+    let mut check = RunningCheck::new(program, layout.clone());
+    let mut lost: Vec<LostPage> = Vec::new();
     let mut out = PageSet::new();
     // Baseline harvest before the guest runs (INITIALLY_SET reports everything here).
+    tracker.note_at_stake(&PageSet::new());
     let mut reported = harvest_into(tracker, m, &mut out, &mut shadow, Machine::data)?;
     let (host, run) = m.run_with(|view| {
         let mut snapshots: Vec<Vec<u64>> = Vec::new();
@@ -165,6 +160,10 @@ fn drive(
             |snapshots: &mut Vec<Vec<u64>>, reported: &mut u64| -> Result<Vec<u64>, TrialError> {
                 let now: Vec<u64> = (0..n).map(|i| view.progress(i)).collect();
                 snapshots.push(now.clone());
+                // Round 1 was the baseline harvest; this is round snapshots + 1.
+                let round = u32::try_from(snapshots.len() + 1).unwrap_or(u32::MAX);
+                check.advance(&now)?;
+                tracker.note_at_stake(&check.at_stake(&shadow));
                 *reported += harvest_into(
                     tracker,
                     &mut v,
@@ -172,6 +171,7 @@ fn drive(
                     &mut shadow,
                     |s: &&RunView<'_>| s.data(),
                 )?;
+                lost.extend(check.check(&shadow, round, &out, None));
                 between(
                     view,
                     u32::try_from(snapshots.len()).unwrap_or(u32::MAX),
@@ -191,11 +191,7 @@ fn drive(
                 work.enough = now.iter().zip(min_writes).all(|(p, m)| p >= m)
                     && work.busy_rounds >= MIN_BUSY_ROUNDS;
                 let elapsed = start.elapsed();
-                let done = if write_once {
-                    view.running() == 0
-                } else {
-                    work.enough && elapsed >= MIN_DURATION
-                };
+                let done = work.enough && elapsed >= MIN_DURATION;
                 if done || elapsed >= MAX_DURATION {
                     return Ok(());
                 }
@@ -242,7 +238,7 @@ fn drive(
         }
     }
     reported += during;
-    if !write_once && !work.enough && hazards.is_empty() {
+    if !work.enough && hazards.is_empty() {
         let progress: Vec<u64> = (0..n).map(|i| m.progress(i)).collect();
         return Err(TrialError::Error(format!(
             "not exercised: in {}s the vCPUs made {progress:?} writes (each needs {min_writes:?}) over {} busy harvests (needs {MIN_BUSY_ROUNDS})",
@@ -250,14 +246,22 @@ fn drive(
             work.busy_rounds
         )));
     }
-    snapshots.push((0..n).map(|i| m.progress(i)).collect());
+    let last: Vec<u64> = (0..n).map(|i| m.progress(i)).collect();
+    snapshots.push(last.clone());
+    let rounds = u32::try_from(snapshots.len()).unwrap_or(u32::MAX);
+    check.advance(&last)?;
+    tracker.note_at_stake(&check.at_stake(&shadow));
     reported += harvest_into(tracker, m, &mut out, &mut shadow, Machine::data)?;
+    lost.extend(check.check(&shadow, rounds + 1, &out, None));
     let after = m.vcpu_stats();
     let mut findings = Findings {
         hazards,
         ..Findings::default()
     };
-    let rounds = u32::try_from(snapshots.len()).unwrap_or(u32::MAX);
+    // Losses seen at their harvest first (they name the round), then the final comparison.
+    for l in lost {
+        findings.report.add_lost(l);
+    }
     for mm in shadow.compare(m.data()) {
         // Round 1 is the baseline harvest before the guest ran; the snapshots start at round 2.
         let round = attribute_round(&snapshots[..snapshots.len() - 1], mm.vcpu(), mm.seq())
@@ -288,11 +292,12 @@ fn drive(
     let evidence = m.mode_evidence(&before, &after, m.writes_done());
     findings.evidence.push(evidence.summary());
     findings.evidence.push(format!(
-        "{} writes by {n} vCPUs to {} distinct pages; {} harvests while running, {} of them after guest progress",
+        "{} writes by {n} vCPUs to {} distinct pages; {} harvests while running, {} of them after guest progress; containment checked after every harvest ({} word checks) and the final shadow compared with memory",
         m.writes_done(),
         written.len(),
         rounds - 1,
-        work.busy_rounds
+        work.busy_rounds,
+        check.words_checked()
     ));
     if m.ring_full_exits() > 0 {
         findings.evidence.push(format!(

@@ -203,12 +203,8 @@ fn toggle(spec: &TrialSpec, seed: u64, tracker: &mut TrialTracker) -> Result<Fin
     let op = SlotOp::Toggle;
     let mut m = machine(spec, op)?;
     let pages = data_pages(op);
-    let write_once = spec.inject.is_some();
-    let program = if write_once {
-        programs::write_once(VCPUS, pages)
-    } else {
-        programs::concurrent(seed, Pattern::Random, VCPUS, pages)
-    };
+    // A self-test runs the same program: the oracle checks containment at every harvest.
+    let program = programs::concurrent(seed, Pattern::Random, VCPUS, pages);
     let acted = slot_id(ACTED);
     let mut whole = PageSet::new();
     for page in 0..FOUR[ACTED] {
@@ -247,7 +243,7 @@ fn toggle(spec: &TrialSpec, seed: u64, tracker: &mut TrialTracker) -> Result<Fin
         Ok(())
     };
     let mut findings =
-        concurrent::drive_program_with(&mut m, &program, tracker.get(), write_once, &mut between)?;
+        concurrent::drive_program_with(&mut m, &program, tracker.get(), &mut between)?;
     m.detach(tracker.get())?;
     for lost in hidden {
         findings.report.add_lost(lost);
@@ -269,13 +265,9 @@ fn many_concurrent(
     let op = SlotOp::ManyConcurrent;
     let mut m = machine(spec, op)?;
     let pages = data_pages(op);
-    let write_once = spec.inject.is_some();
-    let program = if write_once {
-        programs::write_once(VCPUS, pages)
-    } else {
-        programs::concurrent(seed, Pattern::Random, VCPUS, pages)
-    };
-    let mut findings = concurrent::drive_program(&mut m, &program, tracker.get(), write_once)?;
+    // A self-test runs the same program: the oracle checks containment at every harvest.
+    let program = programs::concurrent(seed, Pattern::Random, VCPUS, pages);
+    let mut findings = concurrent::drive_program(&mut m, &program, tracker.get())?;
     m.detach(tracker.get())?;
     findings
         .evidence

@@ -92,6 +92,9 @@ pub struct Findings {
     pub evidence: Vec<String>,
     /// Pages an injected fault touched.
     pub affected: Option<PageSet>,
+    /// `drop-page` with the oracle's pages at stake known: the dropped pages, each a lost write
+    /// the oracle must name.
+    pub lost_for_sure: Option<PageSet>,
     /// The execution mode, as proven by KVM's stats.
     pub mode: Option<ModeEvidence>,
     /// Why the trial could not prove it exercised its path (None: proven, or nothing to prove).
@@ -152,6 +155,15 @@ impl TrialTracker {
         match self {
             Self::Plain(_) => None,
             Self::Injected(i) => Some(i.affected().clone()),
+        }
+    }
+
+    /// `drop-page`: the dropped pages that each lost a write (see `Injected::lost_for_sure`).
+    #[must_use]
+    pub fn lost_for_sure(&self) -> Option<PageSet> {
+        match self {
+            Self::Plain(_) => None,
+            Self::Injected(i) => i.lost_for_sure().cloned(),
         }
     }
 }
@@ -293,6 +305,8 @@ pub fn run(spec: &TrialSpec, seed: u64) -> Result<Findings, TrialError> {
         Scenario::Access { kind } => access::run(spec, kind, seed, &mut tracker)?,
     };
     findings.affected = tracker.affected();
+    findings.lost_for_sure = tracker.lost_for_sure();
+    findings.problems.extend(tracker.get().problems());
     Ok(findings)
 }
 

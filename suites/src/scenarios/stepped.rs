@@ -97,6 +97,7 @@ impl Stepper<'_> {
         race: bool,
     ) -> Result<(), TrialError> {
         self.ledger.observe(&progress(m, self.vcpus), word(m))?;
+        tracker.note_at_stake(&self.ledger.at_stake());
         self.out.clear();
         let ctx = CollectContext {
             everything: tracker.reports_everything_next(),
