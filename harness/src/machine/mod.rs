@@ -32,6 +32,7 @@ pub use slots::{CONTROL_SLOT, DATA_SLOT, MAX_DATA_SLOTS, SYSTEM_SLOT};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use trackcheck_guests::compiled::Compiled;
@@ -62,6 +63,9 @@ pub struct Machine {
     rings: Vec<DirtyRing>,
     vcpus: Vec<Vcpu>,
     vm: Vm,
+    /// Each vCPU's [`Vcpu::ring_full_counter`], readable while the vCPUs run (through
+    /// [`RunView::ring_full_exits`]).
+    ring_full: Vec<Arc<AtomicU64>>,
     /// The data region's host memory (all data slots are parts of it).
     data: Arc<GuestMemory>,
     /// With `tables_in_data`: where the guest's leaf entries for the data region are, and the
@@ -132,6 +136,7 @@ impl Machine {
             }
             vcpus.push(Vcpu::new(id, fd));
         }
+        let ring_full = vcpus.iter().map(Vcpu::ring_full_counter).collect();
         let states = vec![VcpuState::Idle; config.vcpus];
         Ok(Self {
             config,
@@ -142,6 +147,7 @@ impl Machine {
             rings,
             vcpus,
             vm,
+            ring_full,
             data,
             leaf,
             removed: BTreeMap::new(),
@@ -210,10 +216,22 @@ impl Machine {
         tracker.detach(&mut self.vm)
     }
 
-    /// Total KVM_EXIT_DIRTY_RING_FULL exits waited out by the vCPUs.
+    /// Total KVM_EXIT_DIRTY_RING_FULL exits waited out by the vCPUs (with
+    /// `RunLimits::ring_full_wait`) since the machine was made.
     #[must_use]
     pub fn ring_full_exits(&self) -> u64 {
         self.vcpus.iter().map(Vcpu::ring_full_exits).sum()
+    }
+
+    /// KVM_EXIT_DIRTY_RING_FULL exits vCPU `vcpu` waited out (with `RunLimits::ring_full_wait`)
+    /// since the machine was made. An exit that ended a run segment is a [`crate::Stop::RingFull`]
+    /// stop instead and not counted. While the vCPUs run, read [`RunView::ring_full_exits`].
+    ///
+    /// # Panics
+    /// If the machine has no vCPU `vcpu`.
+    #[must_use]
+    pub fn vcpu_ring_full_exits(&self, vcpu: usize) -> u64 {
+        self.vcpus[vcpu].ring_full_exits()
     }
 
     /// The data region's memory (every data slot is a part of it).

@@ -2,6 +2,9 @@
 //! segments (every ready vCPU to its next stop, with the host's work alongside through a
 //! [`RunView`]), the state of each vCPU in its program, and its published progress.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use trackcheck_guests::Program;
 use trackcheck_guests::compiled::Compiled;
 use trackcheck_guests::layout::{PAGE_SIZE, SYSTEM_GPA, control};
@@ -39,6 +42,7 @@ pub struct RunView<'a> {
     vm: &'a Vm,
     data: &'a GuestMemory,
     rings: &'a [DirtyRing],
+    ring_full: &'a [Arc<AtomicU64>],
     monitor: &'a GroupMonitor<'a>,
 }
 
@@ -78,6 +82,21 @@ impl RunView<'_> {
     /// Ask every `UntilStopped` loop of `vcpu` to end at its next page.
     pub fn request_stop(&self, vcpu: usize) {
         fixed_slot(self.vm, CONTROL_SLOT).store_release(vcpu as u64 * PAGE_SIZE + control::STOP, 1);
+    }
+
+    /// KVM_EXIT_DIRTY_RING_FULL exits vCPU `vcpu` (the machine's index) has waited out so far,
+    /// read while it runs: since the machine was made, this run's included (the same count as
+    /// [`Machine::vcpu_ring_full_exits`]). Only exits waited out with
+    /// `RunLimits::ring_full_wait` count; one that ends the segment comes back as
+    /// [`Stop::RingFull`]. The vCPU thread adds each exit just after taking it, so the value
+    /// may lag the latest exit by a moment but never runs ahead: a host that sees it grow knows
+    /// the vCPU hit a full ring since its previous read.
+    ///
+    /// # Panics
+    /// If the machine has no vCPU `vcpu`.
+    #[must_use]
+    pub fn ring_full_exits(&self, vcpu: usize) -> u64 {
+        self.ring_full[vcpu].load(Ordering::Relaxed)
     }
 
     /// vCPUs that have not come back from this run yet.
@@ -244,6 +263,7 @@ impl Machine {
             .collect();
         let limits = self.config.limits;
         let (vm, rings, data) = (&self.vm, self.rings.as_slice(), self.data.as_ref());
+        let ring_full = self.ring_full.as_slice();
         let mut selected: Vec<&mut Vcpu> = self
             .vcpus
             .iter_mut()
@@ -256,6 +276,7 @@ impl Machine {
                 vm,
                 data,
                 rings,
+                ring_full,
                 monitor,
             })
         });
