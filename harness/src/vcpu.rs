@@ -14,7 +14,7 @@
 use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -167,7 +167,9 @@ pub struct Vcpu {
     id: usize,
     fd: VcpuFd,
     stats: Option<StatsFd>,
-    ring_full_exits: u64,
+    /// KVM_EXIT_DIRTY_RING_FULL exits waited out, shared with whoever holds
+    /// [`Vcpu::ring_full_counter`] (the host reads it while this vCPU runs on its own thread).
+    ring_full_exits: Arc<AtomicU64>,
 }
 
 /// Per-vCPU state shared with the watchdog.
@@ -241,14 +243,24 @@ impl Vcpu {
             id,
             fd,
             stats,
-            ring_full_exits: 0,
+            ring_full_exits: Arc::new(AtomicU64::new(0)),
         }
     }
 
-    /// KVM_EXIT_DIRTY_RING_FULL exits waited out so far (with `ring_full_wait`).
+    /// KVM_EXIT_DIRTY_RING_FULL exits waited out so far (with `ring_full_wait`), over every run
+    /// segment since this vCPU was made. An exit that ends a segment as [`Stop::RingFull`] is
+    /// returned as that stop, not counted here.
     #[must_use]
     pub fn ring_full_exits(&self) -> u64 {
-        self.ring_full_exits
+        self.ring_full_exits.load(Ordering::Relaxed)
+    }
+
+    /// The counter behind [`Vcpu::ring_full_exits`], to read from another thread while this
+    /// vCPU runs. The vCPU thread adds one right after each exit it decides to wait out: a read
+    /// may lag the latest such exit by a moment, never run ahead of it.
+    #[must_use]
+    pub fn ring_full_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.ring_full_exits)
     }
 
     /// Index.
@@ -363,7 +375,7 @@ impl Vcpu {
                 {
                     // The host resets the rings concurrently; KVM exits again at once while the
                     // ring is still full, so back off briefly instead of spinning.
-                    self.ring_full_exits += 1;
+                    self.ring_full_exits.fetch_add(1, Ordering::Relaxed);
                     std::thread::sleep(Duration::from_micros(50));
                     continue;
                 }

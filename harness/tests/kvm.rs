@@ -19,9 +19,12 @@ use trackcheck_harness::support::{backing_support, mode_support};
 use trackcheck_harness::vcpu::FailureKind;
 use trackcheck_harness::vm::VmError;
 use trackcheck_harness::{
-    Backing, ExecutionMode, GuestMemory, HostProfile, Machine, MachineConfig, MachineError, Stop,
-    Vm,
+    Backing, ExecutionMode, GuestMemory, HostProfile, Machine, MachineConfig, MachineError,
+    Mechanism, Stop, Vm,
 };
+
+#[path = "kvm/ring_full.rs"]
+mod ring_full;
 
 /// Trials that change a hugetlb pool run one at a time in this process (and, under nextest, in
 /// the `hugetlb` test group with one thread): they compare pool sizes before and after.
@@ -778,6 +781,17 @@ fn kvm_trials(host: &HostProfile) -> Vec<Trial> {
             Box::new(move || guest_2m_pages(backing)),
         );
     }
+    let ring_skip = native.clone().or_else(|| {
+        Mechanism::DirtyRing
+            .support(host)
+            .reason()
+            .map(str::to_string)
+    });
+    add(
+        "machine::ring_full_counted_while_running::native".into(),
+        ring_skip,
+        Box::new(|| ring_full::counted_while_running(ExecutionMode::Native)),
+    );
     let kvm_skip = host.kvm().err().map(|e| format!("KVM unavailable: {e}"));
     add(
         "vm::memslot_operations".into(),
