@@ -145,6 +145,7 @@ fn drive(
     let mut shadow = Shadow::new(layout.clone(), m.data());
     let mut check = RunningCheck::new(program, layout.clone());
     let mut lost: Vec<LostPage> = Vec::new();
+    let mut ring_full_seen: Vec<u64> = (0..n).map(|i| m.vcpu_ring_full_exits(i)).collect();
     let mut out = PageSet::new();
     // Baseline harvest before the guest runs (INITIALLY_SET reports everything here).
     tracker.note_at_stake(&PageSet::new());
@@ -171,7 +172,15 @@ fn drive(
                     &mut shadow,
                     |s: &&RunView<'_>| s.data(),
                 )?;
-                lost.extend(check.check(&shadow, round, &out, None));
+                // Which vCPUs waited out a full ring since the previous collect.
+                let full: Vec<bool> = (0..n)
+                    .map(|i| {
+                        let now = view.ring_full_exits(i);
+                        let was = std::mem::replace(&mut ring_full_seen[i], now);
+                        now > was
+                    })
+                    .collect();
+                lost.extend(check.check(&shadow, round, &out, Some(&full)));
                 between(
                     view,
                     u32::try_from(snapshots.len()).unwrap_or(u32::MAX),
@@ -252,17 +261,28 @@ fn drive(
     check.advance(&last)?;
     tracker.note_at_stake(&check.at_stake(&shadow));
     reported += harvest_into(tracker, m, &mut out, &mut shadow, Machine::data)?;
-    lost.extend(check.check(&shadow, rounds + 1, &out, None));
+    let full: Vec<bool> = (0..n)
+        .map(|i| m.vcpu_ring_full_exits(i) > ring_full_seen[i])
+        .collect();
+    lost.extend(check.check(&shadow, rounds + 1, &out, Some(&full)));
     let after = m.vcpu_stats();
     let mut findings = Findings {
         hazards,
         ..Findings::default()
     };
     // Losses seen at their harvest first (they name the round), then the final comparison.
+    let per_harvest = lost.len();
     for l in lost {
         findings.report.add_lost(l);
     }
-    for mm in shadow.compare(m.data()) {
+    let at_end = shadow.compare(m.data());
+    if per_harvest > 0 || !at_end.is_empty() {
+        findings.evidence.push(format!(
+            "the per-harvest check named {per_harvest} page(s); the final comparison alone finds {}",
+            at_end.len()
+        ));
+    }
+    for mm in at_end {
         // Round 1 is the baseline harvest before the guest ran; the snapshots start at round 2.
         let round = attribute_round(&snapshots[..snapshots.len() - 1], mm.vcpu(), mm.seq())
             .saturating_add(1);
