@@ -129,12 +129,15 @@ impl PagePredicate {
 }
 
 /// How far before its vCPU's stuck progress a guest write lies (`None`: the vCPU is not
-/// reported stuck, or the write is no guest write).
+/// reported stuck, or the write is no guest write, or it lies after the progress). A vCPU
+/// writes its stamp before it publishes the progress, so one stopped between the two has
+/// written `progress + 1`: that write counts as the last one (distance 0), none after it.
 fn tail_distance(lost: &LostPage, stuck: &BTreeMap<usize, u64>) -> Option<u64> {
     if matches!(lost.seq, LostPage::KVM_WRITE | LostPage::TABLE_CHANGE) {
         return None;
     }
-    stuck.get(&lost.vcpu)?.checked_sub(lost.seq)
+    let progress = *stuck.get(&lost.vcpu)?;
+    (lost.seq <= progress.saturating_add(1)).then(|| progress.saturating_sub(lost.seq))
 }
 
 impl fmt::Display for HazardClass {
