@@ -42,14 +42,18 @@ pub(super) fn merge(
             let (s, ev) = widened(&sig, evidence);
             (Expected::Intermittent(s), ev)
         }
-        Expected::Pass => {
+        // Passing, skipping or idling now forgets nothing: the failure stays, intermittent.
+        other => {
             let earlier: String = old_evidence.chars().take(160).collect();
+            let now = match other {
+                Expected::Pass => String::new(),
+                other => format!(" (they were {}: {evidence})", other.token()),
+            };
             (
                 Expected::Intermittent(old_sig.clone()),
-                format!("did not fail in these runs; earlier: {earlier}"),
+                format!("did not fail in these runs{now}; earlier: {earlier}"),
             )
         }
-        other => (other, evidence),
     }
 }
 

@@ -236,6 +236,16 @@ fn blessing_never_forgets_a_failure_and_says_when_it_widens() {
         String::new(),
     );
     assert_eq!(e, Expected::Fail(sig("lost(any)")));
+    let (e, ev) = merge(
+        Some(&(Expected::Fail(sig("lost(any)")), "1/1 runs failed".into())),
+        Expected::NotExercised,
+        "1/1 runs not exercised: no 2 MiB mapping".into(),
+    );
+    assert_eq!(e, Expected::Intermittent(sig("lost(any)")));
+    assert!(
+        ev.contains("not-exercised") && ev.contains("earlier: 1/1 runs failed"),
+        "{ev}"
+    );
     let (e, _) = merge(None, Expected::Pass, String::new());
     assert_eq!(e, Expected::Pass);
 }
