@@ -512,7 +512,8 @@ fn run(
         found: golden.found,
         unmatched,
     };
-    let report = RunReport::new(host, info, results, seconds / f64::from(repeat));
+    let mut report = RunReport::new(host, info, results, seconds / f64::from(repeat));
+    report.unattributed_kernel_log = trackcheck_suites::kernel_log::take_unattributed();
     let text = report.text();
     let ktap = report.ktap();
     let json = serde_json::to_string_pretty(&report).unwrap_or_default();

@@ -27,6 +27,10 @@ pub struct RunReport {
     pub summary: BTreeMap<String, usize>,
     /// Every trial, in matrix order.
     pub trials: Vec<TrialResult>,
+    /// Kernel hazard lines of the run that no trial's threads logged (each once; see
+    /// `kernel_log`): they fail the run, since they may belong to any trial running then.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unattributed_kernel_log: Vec<String>,
 }
 
 /// Which golden file was applied.
@@ -71,6 +75,7 @@ impl RunReport {
             trials_per_second,
             summary,
             trials,
+            unattributed_kernel_log: Vec::new(),
         }
     }
 
@@ -79,10 +84,13 @@ impl RunReport {
     /// was missed) is what is unexpected.
     #[must_use]
     pub fn has_unexpected(&self) -> bool {
-        self.trials.iter().any(|t| match t.spec.inject {
-            Some(_) => !matches!(t.verdict, Verdict::Skip | Verdict::NotExercised) && !caught(t),
-            None => t.verdict.is_unexpected(),
-        })
+        !self.unattributed_kernel_log.is_empty()
+            || self.trials.iter().any(|t| match t.spec.inject {
+                Some(_) => {
+                    !matches!(t.verdict, Verdict::Skip | Verdict::NotExercised) && !caught(t)
+                }
+                None => t.verdict.is_unexpected(),
+            })
     }
 
     /// Injected losses caught and missed (self-test runs).
@@ -190,6 +198,15 @@ impl RunReport {
                 for (reason, n) in reasons {
                     let _ = writeln!(out, "  {n:>4}  {reason}");
                 }
+            }
+        }
+        if !self.unattributed_kernel_log.is_empty() {
+            let _ = writeln!(
+                out,
+                "\nkernel hazards no trial's threads logged (unattributed, charged to no trial; they fail the run):"
+            );
+            for line in &self.unattributed_kernel_log {
+                let _ = writeln!(out, "  {line}");
             }
         }
         if let Some(c) = self.selftest_counts() {

@@ -125,6 +125,13 @@ pub struct TrialResult {
     pub duration_ms: f64,
     /// Supporting facts: mode evidence, counts, kernel log lines.
     pub evidence: Vec<String>,
+    /// Hazards the trial met (also in the evidence): a vCPU stuck, a kernel WARN charged to
+    /// the trial's threads. Golden signatures match them by class.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hazards: Vec<String>,
+    /// Interface problems the trial met (also in the evidence).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
     /// Pages an injected fault touched (self-tests).
     pub injected_pages: Option<Vec<(u32, u64)>>,
     /// `drop-page` self-tests whose driver knew the pages at stake: the dropped pages, each a
@@ -159,6 +166,8 @@ impl TrialResult {
             rounds: 0,
             duration_ms: 0.0,
             evidence: Vec::new(),
+            hazards: Vec::new(),
+            problems: Vec::new(),
             injected_pages: None,
             injected_lost: None,
             spec: *spec,
@@ -237,7 +246,10 @@ pub fn run_trial(
             result.verdict = Verdict::Error;
             result.reason = Some(reason);
         }
-        Err(TrialError::Hazard(reason)) => fail(&mut result, FailKind::Hazard, reason),
+        Err(TrialError::Hazard(reason)) => {
+            result.hazards.push(reason.clone());
+            fail(&mut result, FailKind::Hazard, reason);
+        }
         Ok(f) => {
             let r = f.report;
             result.written = r.written;
@@ -254,6 +266,8 @@ pub fn run_trial(
             result
                 .evidence
                 .extend(f.problems.iter().map(|p| format!("problem: {p}")));
+            result.hazards.clone_from(&f.hazards);
+            result.problems.clone_from(&f.problems);
             // Whatever else went wrong is named in the reason too, after the gravest finding.
             let also = |rest: &[&String]| match rest {
                 [] => String::new(),
@@ -296,18 +310,43 @@ pub fn run_trial(
             }
         }
     }
-    if !hazards.is_empty() {
-        result.evidence.extend(hazards.iter().cloned());
-        if result.verdict == Verdict::Pass {
+    charge_kernel_hazards(&mut result, &hazards);
+    result.duration_ms = start.elapsed().as_secs_f64() * 1e3;
+    result
+}
+
+/// Charge kernel hazards (log lines attributed to the trial's threads, see
+/// [`KernelWatch::finish`]) to a trial that ran: they join its hazards and evidence, and any
+/// verdict short of a failure or a harness error becomes a hazard failure: a WARN fails a
+/// trial that passed, skipped after it started, or could not prove its path alike. A trial
+/// that already failed keeps its gravest finding in front; the golden signature must then
+/// explain the hazard too. A harness error stays an error (it fails the run already), with
+/// the hazard in its reason.
+pub fn charge_kernel_hazards(result: &mut TrialResult, hazards: &[String]) {
+    let Some(first) = hazards.first() else {
+        return;
+    };
+    result.evidence.extend(hazards.iter().cloned());
+    result.hazards.extend(hazards.iter().cloned());
+    match result.verdict {
+        Verdict::Fail => {}
+        Verdict::Error => {
+            let why = result.reason.get_or_insert_with(String::new);
+            why.push_str(&format!("; also a kernel hazard: {first}"));
+        }
+        before => {
+            let was = match (before, result.reason.as_deref()) {
+                (Verdict::Pass, _) => String::new(),
+                (v, Some(why)) => format!(" (it would have been {}: {why})", v.name()),
+                (v, None) => format!(" (it would have been {})", v.name()),
+            };
             fail(
-                &mut result,
+                result,
                 FailKind::Hazard,
-                format!("kernel hazard during the trial: {}", hazards[0]),
+                format!("kernel hazard during the trial: {first}{was}"),
             );
         }
     }
-    result.duration_ms = start.elapsed().as_secs_f64() * 1e3;
-    result
 }
 
 fn fail(result: &mut TrialResult, kind: FailKind, reason: String) {
@@ -326,5 +365,56 @@ fn skip_or_require(result: &mut TrialResult, reason: String, demanded: bool) {
     } else {
         result.verdict = Verdict::Skip;
         result.reason = Some(reason);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::Scenario;
+    use trackcheck_harness::track::TrackerSpec;
+    use trackcheck_harness::{Backing, ExecutionMode};
+
+    #[test]
+    fn a_kernel_warn_fails_any_trial_that_ran() {
+        let spec = TrialSpec {
+            tracker: TrackerSpec::DirtyLog,
+            scenario: Scenario::Stepped,
+            backing: Backing::Anon,
+            mode: ExecutionMode::Native,
+            inject: None,
+        };
+        let warn = "kernel: WARNING: CPU: 0 PID: 7 at virt/kvm/kvm_main.c:1 f+0x0/0x1".to_string();
+        for before in [Verdict::Pass, Verdict::Skip, Verdict::NotExercised] {
+            let mut r = TrialResult::new(&spec, 1);
+            r.verdict = before;
+            if before != Verdict::Pass {
+                r.reason = Some("no 2 MiB mapping".into());
+            }
+            charge_kernel_hazards(&mut r, std::slice::from_ref(&warn));
+            assert_eq!(r.verdict, Verdict::Fail, "{before:?}");
+            assert_eq!(r.fail_kind, Some(FailKind::Hazard));
+            assert_eq!(r.hazards, vec![warn.clone()]);
+            let why = r.reason.unwrap_or_default();
+            assert!(why.contains("virt/kvm/kvm_main.c:1"), "{why}");
+            assert_eq!(
+                why.contains("no 2 MiB mapping"),
+                before != Verdict::Pass,
+                "{why}"
+            );
+        }
+        // A loss stays the gravest finding; the hazard joins it for the golden signature.
+        let mut r = TrialResult::new(&spec, 1);
+        r.verdict = Verdict::Fail;
+        r.fail_kind = Some(FailKind::Lost);
+        r.reason = Some("lost 1 page(s)".into());
+        charge_kernel_hazards(&mut r, std::slice::from_ref(&warn));
+        assert_eq!(r.fail_kind, Some(FailKind::Lost));
+        assert_eq!(r.hazards, vec![warn.clone()]);
+        // No hazard: nothing changes.
+        let mut r = TrialResult::new(&spec, 1);
+        r.verdict = Verdict::NotExercised;
+        charge_kernel_hazards(&mut r, &[]);
+        assert_eq!(r.verdict, Verdict::NotExercised);
     }
 }

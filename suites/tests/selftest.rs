@@ -41,5 +41,16 @@ fn main() {
             .with_ignored_flag(skip.is_some())
         })
         .collect();
-    libtest_mimic::run(&args, trials).exit();
+    let conclusion = libtest_mimic::run(&args, trials);
+    // Kernel hazard lines no trial's threads logged are charged to no test: shown once, and
+    // they fail the binary.
+    let unattributed = trackcheck_suites::kernel_log::take_unattributed();
+    if !unattributed.is_empty() {
+        eprintln!("kernel hazards no trial's threads logged (unattributed; they fail the run):");
+        for line in &unattributed {
+            eprintln!("  {line}");
+        }
+        std::process::exit(101);
+    }
+    conclusion.exit();
 }
