@@ -275,19 +275,32 @@ impl Golden {
         if explained.is_empty() {
             return;
         }
-        let injected: std::collections::BTreeSet<(u32, u64)> =
-            result.injected_pages.iter().flatten().copied().collect();
-        if let Some(l) = explained
-            .iter()
-            .find(|l| injected.contains(&(l.slot, l.page)))
-        {
+        // Injected pages the signature explains cannot be told from the kernel's own loss:
+        // they are not judged. The rest must be named as a new failure.
+        let inside: std::collections::BTreeSet<(u32, u64)> =
+            explained.iter().map(|l| (l.slot, l.page)).collect();
+        let touched: Vec<(u32, u64)> = result.injected_pages.iter().flatten().copied().collect();
+        let (blurred, outside): (Vec<(u32, u64)>, Vec<(u32, u64)>) =
+            touched.into_iter().partition(|p| inside.contains(p));
+        if outside.is_empty() {
             result.verdict = Verdict::Skip;
             result.fail_kind = None;
             result.reason = Some(format!(
-                "self-test inapplicable: the golden signature of {base} ({}) explains a page the fault touched ({l}), so the kernel's recorded loss and the injected one cannot be told apart",
-                sig
+                "self-test inapplicable: the golden signature of {base} ({sig}) explains every page the fault touched ({} page(s)), so the kernel's recorded loss and the injected one cannot be told apart",
+                blurred.len()
             ));
             return;
+        }
+        if !blurred.is_empty() {
+            result.evidence.push(format!(
+                "{} page(s) the fault touched fall inside the recorded signature ({sig}) and are not judged: {:?}",
+                blurred.len(),
+                blurred.iter().take(4).collect::<Vec<_>>()
+            ));
+            result.injected_pages = Some(outside);
+            if let Some(must) = result.injected_lost.as_mut() {
+                must.retain(|p| !inside.contains(p));
+            }
         }
         let first: Vec<String> = explained.iter().take(3).map(ToString::to_string).collect();
         result.evidence.push(format!(
