@@ -21,7 +21,7 @@ mod property;
 pub(crate) mod stepped;
 mod tables;
 
-pub use property::{cases, set_cases};
+pub use property::{cases, committed_regressions_dir, save_regressions_in, set_cases};
 
 use std::time::Duration;
 
