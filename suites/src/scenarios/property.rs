@@ -163,11 +163,17 @@ pub(super) fn programs(
                 .reset()
                 .map_err(TrialError::from)
                 .and_then(|()| super::stepped::drive(m, &program, t.get(), false));
-            let _ = m.detach(t.get());
+            // After a failed run the tracker may not be attached: only a clean run's detach
+            // must succeed (a sync uffd handler that failed after the last collect says so
+            // here).
+            let detached = m.detach(t.get());
             let failure = match run {
                 Ok(run) => {
                     let f = run.findings;
                     if f.report.lost.is_empty() && f.hazards.is_empty() {
+                        if let Err(e) = detached {
+                            return Outcome::Harness(e.into());
+                        }
                         totals.borrow_mut().add_counts(&f.report);
                         return Outcome::Pass;
                     }
@@ -565,12 +571,14 @@ impl StateMachineTest for Sut {
                 "shadow differs from guest memory after the final harvest",
             );
         }
+        if let Err(e) = sut.machine.detach(sut.tracker.as_mut()) {
+            sut_error(e);
+        }
         TOTALS.with(|t| {
             if let Some(total) = t.borrow_mut().as_mut() {
                 total.add_counts(sut.ledger.report());
             }
         });
-        let _ = sut.machine.detach(sut.tracker.as_mut());
         POOL.with(|p| *p.borrow_mut() = Some(sut.machine));
     }
 }
