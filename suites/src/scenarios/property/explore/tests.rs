@@ -230,3 +230,42 @@ fn a_failure_says_whether_it_was_replayed_from_a_file() {
     let again = explore(&p, &(0u32..1000), fails).expect("finding");
     assert!(again.replayed, "the saved case, replayed");
 }
+
+/// What the trial reports when a harness error stopped the shrinking of a kernel finding: the
+/// finding (a failure, not an error), the case, the replay command, why shrinking stopped.
+#[test]
+fn a_finding_whose_shrinking_stopped_is_still_the_trials_failure() {
+    let spec = crate::matrix::matrix()
+        .into_iter()
+        .find(|s| s.scenario == crate::spec::Scenario::PropPrograms)
+        .expect("a proptest-programs trial");
+    let explored = Explored {
+        failure: Some((
+            super::super::Failure {
+                lost: Vec::new(),
+                hazards: vec!["vCPU stuck on KVM_EXIT_DIRTY_RING_FULL".into()],
+            },
+            "Program { .. }".into(),
+        )),
+        reason: "hazard".into(),
+        shrinking_stopped: Some(TrialError::Error("KVM_CREATE_VM: no memory".into())),
+        saved: None,
+        save_dir: None,
+        replayed: false,
+    };
+    let f = super::super::conclude(explored, &spec, "programs", 42);
+    assert_eq!(f.hazards, ["vCPU stuck on KVM_EXIT_DIRTY_RING_FULL"]);
+    let evidence = f.evidence.join("\n");
+    for needle in [
+        "minimal failing programs (seed 42; replay: trackcheck run --exact",
+        "Program { .. }",
+        "shrinking stopped early",
+        "KVM_CREATE_VM: no memory",
+        "not saved",
+    ] {
+        assert!(
+            evidence.contains(needle),
+            "{needle:?} missing in {evidence}"
+        );
+    }
+}
