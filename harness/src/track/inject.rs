@@ -189,6 +189,10 @@ impl Tracker for Injected {
     fn take_kernel_time(&mut self) -> KernelTime {
         self.inner.take_kernel_time()
     }
+
+    fn failure(&self) -> Option<String> {
+        self.inner.failure()
+    }
 }
 
 #[cfg(test)]

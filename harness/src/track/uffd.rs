@@ -491,6 +491,10 @@ impl Tracker for UffdWpSync {
         &[Allowance::HugeGranularity, Allowance::WrittenBeforeCopy]
     }
 
+    fn failure(&self) -> Option<String> {
+        self.shared.check().err().map(|e| e.to_string())
+    }
+
     fn evidence(&self) -> Vec<String> {
         vec![format!(
             "{} write-protect faults resolved by the handler thread",

@@ -12,7 +12,7 @@ pub use explore::{committed_dir as committed_regressions_dir, save_regressions_i
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use explore::{Explored, Outcome, Plan, explore};
+use explore::{Explored, Outcome, Plan, explore, panic_text, trial_error_text};
 use proptest::test_runner::Config;
 use proptest_state_machine::{ReferenceStateMachine, StateMachineTest};
 use trackcheck_guests::sim::{ThreadEvents, landed_ahead, writes_through};
@@ -123,14 +123,6 @@ fn conclude(explored: Explored<Failure>, spec: &TrialSpec, what: &str, seed: u64
     findings
 }
 
-fn trial_error_text(e: &TrialError) -> String {
-    match e {
-        TrialError::Skip(s) => format!("skip: {s}"),
-        TrialError::Error(s) => s.clone(),
-        TrialError::Hazard(s) => format!("hazard: {s}"),
-    }
-}
-
 /// Random programs on a reused machine, each judged by the stepped oracle.
 pub(super) fn programs(
     spec: &TrialSpec,
@@ -182,9 +174,15 @@ pub(super) fn programs(
                         hazards: f.hazards,
                     }
                 }
-                Err(TrialError::Hazard(h)) => Failure {
-                    lost: Vec::new(),
-                    hazards: vec![h],
+                Err(TrialError::Hazard(h)) => match t.get().failure() {
+                    // The tracker's own machinery failed (see Tracker::failure).
+                    Some(why) => {
+                        return Outcome::Harness(TrialError::Error(format!("{why}; then: {h}")));
+                    }
+                    None => Failure {
+                        lost: Vec::new(),
+                        hazards: vec![h],
+                    },
                 },
                 Err(e) => return Outcome::Harness(e),
             };
@@ -276,15 +274,6 @@ pub(super) fn interleavings(spec: &TrialSpec, seed: u64) -> Result<Findings, Tri
     let mut findings = conclude(explored?, spec, "interleavings", seed);
     merge_counts(&mut findings, &totals);
     Ok(findings)
-}
-
-/// The message of a caught panic.
-fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(ToString::to_string)
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "(no message)".into())
 }
 
 /// The system under test: a machine, a tracker, and the oracle watching them.
@@ -425,9 +414,10 @@ impl Sut {
                     self.forced_harvest();
                 }
                 Ok(_) => {}
-                Err(e) => match TrialError::from(e) {
-                    TrialError::Hazard(h) => fail(Vec::new(), vec![h], "hazard"),
-                    e => sut_error(e),
+                Err(e) => match (TrialError::from(e), self.tracker.failure()) {
+                    (TrialError::Hazard(h), Some(why)) => sut_error(format!("{why}; then: {h}")),
+                    (TrialError::Hazard(h), None) => fail(Vec::new(), vec![h], "hazard"),
+                    (e, _) => sut_error(e),
                 },
             }
         }

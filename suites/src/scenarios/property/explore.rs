@@ -354,5 +354,23 @@ where
     }
 }
 
+/// A trial error as one line of evidence.
+pub(crate) fn trial_error_text(e: &TrialError) -> String {
+    match e {
+        TrialError::Skip(s) => format!("skip: {s}"),
+        TrialError::Error(s) => s.clone(),
+        TrialError::Hazard(s) => format!("hazard: {s}"),
+    }
+}
+
+/// The message of a caught panic.
+pub(crate) fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(ToString::to_string)
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
 #[cfg(test)]
 mod tests;
