@@ -269,3 +269,19 @@ fn a_finding_whose_shrinking_stopped_is_still_the_trials_failure() {
         );
     }
 }
+
+/// The project's committed regression file is replayed by every run, from where it lies.
+#[test]
+fn the_committed_regression_file_is_on_every_plan() {
+    let name = "x86_64::dirty-ring-4k::proptest-programs::anon::emulated";
+    let p = Plan::for_trial(name, 1, 4);
+    let committed = &p.replay[0];
+    assert!(committed.is_file(), "{} is missing", committed.display());
+    let committed = &committed.canonicalize().expect("canonical path");
+    assert!(
+        committed.ends_with("golden/proptest-regressions/x86_64__dirty-ring-4k__proptest-programs__anon__emulated.txt"),
+        "{}",
+        committed.display()
+    );
+    assert!(!read_seeds(committed).is_empty(), "its seeds parse");
+}
