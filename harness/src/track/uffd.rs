@@ -215,7 +215,7 @@ impl Shared {
         match failed {
             None => Ok(()),
             Some(why) => Err(TrackError::Setup(format!(
-                "uffd-wp-sync fault handler thread failed: {why} (a harness failure, not the kernel's: the writes it did not record are unaccounted for, so this trial has no verdict)"
+                "uffd-wp-sync fault handler thread failed: {why} (tracking stopped: the writes it did not record are unaccounted for, so this trial has no verdict)"
             ))),
         }
     }
