@@ -21,6 +21,9 @@ use trackcheck_suites::trial::{TrialResult, Verdict};
 /// Exit status for usage errors and bad input (clap uses the same).
 const USAGE: u8 = 2;
 
+/// Where `trackcheck run` writes its reports unless `--out` says otherwise.
+const DEFAULT_OUT: &str = "trackcheck-out";
+
 #[derive(Debug, Parser)]
 #[command(
     name = "trackcheck",
@@ -79,9 +82,11 @@ enum Command {
         /// Output format on stdout.
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
-        /// Directory for report.{txt,json,ktap} and replay files of failures.
-        #[arg(long, default_value = "trackcheck-out")]
-        out: PathBuf,
+        /// Directory for report.{txt,json,ktap} and replay files of failures [default:
+        /// trackcheck-out]. Given explicitly, property trials also save new failing cases
+        /// under DIR/proptest-regressions (and replay those saved there before).
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
         /// Wrap every tracker with a deliberate loss; the affected trials must then fail.
         #[arg(long, value_name = "KIND")]
         inject_loss: Option<Fault>,
@@ -339,6 +344,9 @@ fn main() -> ExitCode {
             if let Some(n) = cases {
                 scenarios::set_cases(n);
             }
+            // Regression files are saved only where asked: never into the source tree.
+            scenarios::save_regressions_in(out.as_ref().map(|d| d.join("proptest-regressions")));
+            let out = out.unwrap_or_else(|| PathBuf::from(DEFAULT_OUT));
             let selection = Selection {
                 filters: select.filters,
                 exact: select.exact,
@@ -373,7 +381,7 @@ fn main() -> ExitCode {
                 let out = file
                     .parent()
                     .and_then(|p| p.parent())
-                    .map_or_else(|| PathBuf::from("trackcheck-out"), PathBuf::from);
+                    .map_or_else(|| PathBuf::from(DEFAULT_OUT), PathBuf::from);
                 run(
                     &[r.spec],
                     Some(r.seed),

@@ -29,6 +29,10 @@ fn main() {
             golden.path.display()
         );
     }
+    // The project's own tests keep the project's regression files: a property trial's new
+    // failing case is saved in golden/proptest-regressions/ (to be reviewed and committed).
+    // `trackcheck run` saves nowhere unless given --out.
+    scenarios::save_regressions_in(Some(scenarios::committed_regressions_dir()));
     let required = Arc::new(required_mechanisms());
     let out = Arc::new(std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("trackcheck"));
     let specs = matrix::matrix();

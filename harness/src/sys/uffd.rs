@@ -124,6 +124,7 @@ pub fn probe_features() -> io::Result<u64> {
 
 ioctl_iowr_nr!(UFFDIO_REGISTER, UFFDIO, 0x00, UffdioRegister);
 ioctl_ior_nr!(UFFDIO_UNREGISTER, UFFDIO, 0x01, UffdioRange);
+ioctl_ior_nr!(UFFDIO_WAKE, UFFDIO, 0x02, UffdioRange);
 ioctl_iowr_nr!(UFFDIO_WRITEPROTECT, UFFDIO, 0x06, UffdioWriteprotect);
 
 /// `struct uffdio_range`.
@@ -191,6 +192,20 @@ pub fn unregister(fd: &impl AsRawFd, start: u64, len: u64) -> io::Result<()> {
     let arg = UffdioRange { start, len };
     // SAFETY: UFFDIO_UNREGISTER reads one `struct uffdio_range`, which `arg` is (repr(C)).
     let ret = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(fd, UFFDIO_UNREGISTER(), &arg) };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// UFFDIO_WAKE `[start, start + len)`: wake threads blocked on faults in the range (they retry
+/// the access). UFFDIO_UNREGISTER wakes only missing-mode faults, not write-protect ones.
+pub fn wake(fd: &impl AsRawFd, start: u64, len: u64) -> io::Result<()> {
+    let arg = UffdioRange { start, len };
+    // SAFETY: UFFDIO_WAKE reads one `struct uffdio_range`, which `arg` is (repr(C)); the
+    // kernel only compares the range with its waiters' addresses.
+    let ret = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(fd, UFFDIO_WAKE(), &arg) };
     if ret < 0 {
         Err(io::Error::last_os_error())
     } else {

@@ -261,6 +261,10 @@ impl Tracker for Injected {
     fn problems(&self) -> Vec<String> {
         self.inner.problems()
     }
+
+    fn failure(&self) -> Option<String> {
+        self.inner.failure()
+    }
 }
 
 #[cfg(test)]

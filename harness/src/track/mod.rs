@@ -253,6 +253,13 @@ pub trait Tracker: Send + std::fmt::Debug {
     fn problems(&self) -> Vec<String> {
         Vec::new()
     }
+
+    /// A failure of the tracker's own machinery outside any call (a fault-handler thread that
+    /// stopped). While one is recorded, a blocked or stalled vCPU is its consequence, not a
+    /// kernel hazard: scenarios report the trial as this harness error instead.
+    fn failure(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Something a tracker can work on: a stopped machine, or the view of a running one.

@@ -18,7 +18,7 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use vmm_sys_util::eventfd::EventFd;
@@ -183,8 +183,124 @@ impl Tracker for UffdWpAsync {
 struct Shared {
     dirty: Mutex<PageSet>,
     faults: AtomicU64,
+    /// Why the handler stopped, when it failed.
     failed: Mutex<Option<String>>,
     stopping: AtomicBool,
+    /// The handler unregistered every range after failing (nothing left to unregister).
+    released: AtomicBool,
+}
+
+impl Shared {
+    /// Record why the handler failed (the first reason stays; more detail is appended).
+    fn fail(&self, why: &str) {
+        let mut failed = self.failed.lock().unwrap_or_else(PoisonError::into_inner);
+        match failed.as_mut() {
+            Some(text) => {
+                text.push_str("; ");
+                text.push_str(why);
+            }
+            None => *failed = Some(why.to_string()),
+        }
+    }
+
+    /// The handler's failure as an error. Every harvest checks it first: a handler that
+    /// stopped resolves no more faults and records no more pages, so nothing collected after
+    /// it can be trusted.
+    fn check(&self) -> Result<(), TrackError> {
+        let failed = self
+            .failed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        match failed {
+            None => Ok(()),
+            Some(why) => Err(TrackError::Setup(format!(
+                "uffd-wp-sync fault handler thread failed: {why} (tracking stopped: the writes it did not record are unaccounted for, so this trial has no verdict)"
+            ))),
+        }
+    }
+
+    /// Move the pages the handler recorded into `out`. A poisoned lock means the handler
+    /// panicked while it held the set: an error, never "nothing dirty".
+    fn take_dirty(&self, out: &mut PageSet) -> Result<(), TrackError> {
+        let mut dirty = self.dirty.lock().map_err(|_| {
+            TrackError::Setup(
+                "uffd-wp-sync: the fault handler thread panicked while it held the set of faulted pages (lock poisoned); the pages it recorded are lost to this harvest".into(),
+            )
+        })?;
+        out.union_with(&dirty);
+        dirty.clear();
+        Ok(())
+    }
+}
+
+/// The handler thread's body: resolve faults until stopped. If it fails (an error or a
+/// panic), a vCPU whose fault it did not resolve would stay blocked in the kernel until the
+/// watchdog gave up and called that a kernel hazard. So the failure is recorded first (the
+/// next collect, rearm or detach returns it as the harness error it is), then every range is
+/// un-protected, unregistered and woken, so the blocked vCPUs' writes proceed unrecorded.
+/// Where even that fails, the watchdog still bounds the wait, and the failure recorded here
+/// says why.
+fn handler_main(fd: &File, stop: &EventFd, ranges: &[Range], shared: &Shared) {
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        handle_faults(fd, stop, ranges, shared)
+    }));
+    let why = match result {
+        Ok(Ok(())) => return,
+        Ok(Err(why)) => why,
+        Err(panic) => format!(
+            "the handler thread panicked: {}",
+            panic
+                .downcast_ref::<&str>()
+                .map(ToString::to_string)
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "(no message)".into())
+        ),
+    };
+    shared.fail(&why);
+    let mut released = true;
+    for r in ranges {
+        // Un-protect (which wakes the waiters), unregister, and wake whoever is left: a woken
+        // vCPU retries its write on a page no longer protected. The first call fails when
+        // un-protecting is what broke; the unregister still lifts the protection.
+        let _ = uffd::writeprotect(fd, r.start, r.len, false);
+        let steps = uffd::unregister(fd, r.start, r.len)
+            .map_err(|e| format!("UFFDIO_UNREGISTER: {e}"))
+            .and_then(|()| uffd::wake(fd, r.start, r.len).map_err(|e| format!("UFFDIO_WAKE: {e}")));
+        if let Err(e) = steps {
+            released = false;
+            shared.fail(&format!(
+                "releasing the blocked vCPUs failed ({e} on {:#x}+{:#x}): a vCPU may stay blocked until the watchdog stops it",
+                r.start, r.len
+            ));
+        }
+    }
+    if released {
+        shared.released.store(true, Ordering::Release);
+        shared.fail("every range was unregistered and its waiters woken to release the vCPUs");
+    }
+}
+
+/// Start the handler thread for `ranges` on `fd`; returns its thread id with it.
+fn spawn_handler(
+    fd: &Arc<File>,
+    ranges: &Arc<Vec<Range>>,
+    shared: &Arc<Shared>,
+    stop: &EventFd,
+) -> Result<(JoinHandle<()>, Option<i32>), TrackError> {
+    let stop_thread = stop.try_clone().map_err(|e| host("eventfd dup")(e))?;
+    let (t_fd, t_ranges, t_shared) = (Arc::clone(fd), Arc::clone(ranges), Arc::clone(shared));
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name("uffd-wp-handler".into())
+        .spawn(move || {
+            let tid = crate::sys::kick::current_tid();
+            crate::vcpu::register_tid(tid);
+            let _ = tid_tx.send(tid);
+            handler_main(&t_fd, &stop_thread, &t_ranges, &t_shared);
+        })
+        .map_err(host("spawn uffd handler"))?;
+    Ok((thread, tid_rx.recv().ok()))
 }
 
 /// userfaultfd write-protect with a handler thread resolving each fault.
@@ -261,7 +377,12 @@ fn handle_faults(
             let mut dirty = shared
                 .dirty
                 .lock()
-                .map_err(|_| "dirty set lock poisoned".to_string())?;
+                .map_err(|_| {
+                    format!(
+                        "recording the fault at {:#x}: the set of faulted pages is poisoned (a panic while it was held)",
+                        f.address
+                    )
+                })?;
             let mut addr = unit_start;
             while addr < unit_start + r.unit {
                 if let Some(page) = r.slot_page(addr) {
@@ -283,26 +404,10 @@ impl Tracker for UffdWpSync {
         let fd = Arc::new(fd);
         let ranges = Arc::new(ranges);
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| host("eventfd")(e))?;
-        let stop_thread = stop.try_clone().map_err(|e| host("eventfd dup")(e))?;
         let shared = Arc::new(Shared::default());
-        let (t_fd, t_ranges, t_shared) =
-            (Arc::clone(&fd), Arc::clone(&ranges), Arc::clone(&shared));
-        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name("uffd-wp-handler".into())
-            .spawn(move || {
-                let tid = crate::sys::kick::current_tid();
-                crate::vcpu::register_tid(tid);
-                let _ = tid_tx.send(tid);
-                if let Err(e) = handle_faults(&t_fd, &stop_thread, &t_ranges, &t_shared)
-                    && let Ok(mut failed) = t_shared.failed.lock()
-                {
-                    *failed = Some(e);
-                }
-            })
-            .map_err(host("spawn uffd handler"))?;
+        let (thread, tid) = spawn_handler(&fd, &ranges, &shared, &stop)?;
         // The handler's kernel log lines (it resolves the faults) belong to this trial.
-        if let Ok(tid) = tid_rx.recv() {
+        if let Some(tid) = tid {
             crate::vcpu::note_tids([tid]);
         }
         self.fd = Some(fd);
@@ -314,19 +419,15 @@ impl Tracker for UffdWpSync {
     }
 
     fn collect(&mut self, _ctx: &TrackCtx<'_>, out: &mut PageSet) -> Result<(), TrackError> {
-        if let Some(e) = self.shared.failed.lock().ok().and_then(|f| f.clone()) {
-            return Err(TrackError::Setup(format!("uffd fault handler failed: {e}")));
-        }
+        self.shared.check()?;
         self.collected.clear();
-        if let Ok(mut dirty) = self.shared.dirty.lock() {
-            self.collected.union_with(&dirty);
-            dirty.clear();
-        }
+        self.shared.take_dirty(&mut self.collected)?;
         out.union_with(&self.collected);
         Ok(())
     }
 
     fn rearm(&mut self, _ctx: &TrackCtx<'_>) -> Result<(), TrackError> {
+        self.shared.check()?;
         let fd = self
             .fd
             .as_ref()
@@ -367,13 +468,19 @@ impl Tracker for UffdWpSync {
         if let Some(stop) = self.stop.take() {
             let _ = stop.write(1);
         }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            self.shared
+                .fail("the handler thread panicked outside its fault loop");
         }
-        if let Some(fd) = self.fd.take() {
+        if let Some(fd) = self.fd.take()
+            && !self.shared.released.load(Ordering::Acquire)
+        {
             teardown(&fd, &self.ranges)?;
         }
-        Ok(())
+        // A failure after the last collect still voids the trial.
+        self.shared.check()
     }
 
     fn rearm_kind(&self) -> RearmKind {
@@ -382,6 +489,10 @@ impl Tracker for UffdWpSync {
 
     fn allowances(&self) -> &'static [Allowance] {
         &[Allowance::HugeGranularity, Allowance::WrittenBeforeCopy]
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.shared.check().err().map(|e| e.to_string())
     }
 
     fn evidence(&self) -> Vec<String> {
@@ -411,3 +522,6 @@ impl Drop for UffdWpSync {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -106,6 +106,16 @@ fn program(seed: u64) -> Program {
     Program::new(PAGES, threads)
 }
 
+/// A vCPU ioctl of the pause check ran, or the harness error naming it.
+#[cfg(target_arch = "x86_64")]
+fn ran<T, E: std::fmt::Display>(
+    result: Result<T, E>,
+    call: &str,
+    vcpu: usize,
+) -> Result<T, TrialError> {
+    result.map_err(|e| TrialError::Error(format!("pause check: {call} on vCPU {vcpu} failed: {e}")))
+}
+
 /// arm64 KVM has no kvmclock or steal-time MSRs; its PV stolen time
 /// (KVM_ARM_VCPU_PVTIME_CTRL) is not driven by this family yet.
 #[cfg(not(target_arch = "x86_64"))]
@@ -174,14 +184,23 @@ pub(super) fn run(
     // while migrating must not write guest memory now. Each loads and puts the vCPU, which is
     // where KVM once wrote the steal-time "preempted" flag unconditionally (after the VMM's
     // final harvest); a correct kernel writes nothing here, so this is a regression check.
+    // Each call must have run, or "wrote nothing" below would be a claim about calls that
+    // never happened: a failure is the harness's error, naming the ioctl and the vCPU.
     for v in 0..VCPUS {
-        if let Some(fd) = m.vcpu_fd(v) {
-            let _ = fd.get_regs();
-            let _ = fd.get_sregs();
-            let _ = fd.kvmclock_ctrl();
-        }
+        let fd = m.vcpu_fd(v).ok_or_else(|| {
+            TrialError::Error(format!(
+                "pause check: vCPU {v} has no KVM file (the machine has {} vCPUs)",
+                m.states().len()
+            ))
+        })?;
+        ran(fd.get_regs(), "KVM_GET_REGS", v)?;
+        ran(fd.get_sregs(), "KVM_GET_SREGS", v)?;
+        ran(fd.kvmclock_ctrl(), "KVM_KVMCLOCK_CTRL", v)?;
     }
-    let _ = m.vm().fd().get_clock();
+    m.vm()
+        .fd()
+        .get_clock()
+        .map_err(|e| TrialError::Error(format!("pause check: KVM_GET_CLOCK failed: {e}")))?;
     let after_pause = checker.harvest(&mut m, tracker)?;
     m.detach(tracker)?;
     let stats_after = m.vcpu_stats();

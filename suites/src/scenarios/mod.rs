@@ -21,7 +21,7 @@ mod property;
 pub(crate) mod stepped;
 mod tables;
 
-pub use property::{cases, set_cases};
+pub use property::{cases, committed_regressions_dir, save_regressions_in, set_cases};
 
 use std::time::Duration;
 
@@ -289,20 +289,28 @@ pub fn precheck(spec: &TrialSpec, host: &HostProfile) -> Result<(), String> {
 /// Run the scenario of `spec`.
 pub fn run(spec: &TrialSpec, seed: u64) -> Result<Findings, TrialError> {
     let mut tracker = TrialTracker::new(spec)?;
-    let mut findings = match spec.scenario {
+    let outcome = match spec.scenario {
         Scenario::Stepped | Scenario::Race | Scenario::RingFull { .. } => {
-            stepped::run(spec, seed, &mut tracker)?
+            stepped::run(spec, seed, &mut tracker)
         }
-        Scenario::Concurrent { .. } => concurrent::run(spec, seed, &mut tracker)?,
-        Scenario::ClearGeometry => geometry::run(spec, &mut tracker)?,
-        Scenario::CrossCheck { against } => crosscheck::run(spec, against, seed, &mut tracker)?,
-        Scenario::PropPrograms => property::programs(spec, seed, &mut tracker)?,
-        Scenario::PropInterleavings => property::interleavings(spec, seed)?,
-        Scenario::Huge { path } => huge::run(spec, path, seed, &mut tracker)?,
-        Scenario::KvmWrites => kvm_writes::run(spec, seed, &mut tracker)?,
-        Scenario::Memslot { op } => memslot::run(spec, op, seed, &mut tracker)?,
-        Scenario::GuestTables { case } => tables::run(spec, case, seed, &mut tracker)?,
-        Scenario::Access { kind } => access::run(spec, kind, seed, &mut tracker)?,
+        Scenario::Concurrent { .. } => concurrent::run(spec, seed, &mut tracker),
+        Scenario::ClearGeometry => geometry::run(spec, &mut tracker),
+        Scenario::CrossCheck { against } => crosscheck::run(spec, against, seed, &mut tracker),
+        Scenario::PropPrograms => property::programs(spec, seed, &mut tracker),
+        Scenario::PropInterleavings => property::interleavings(spec, seed),
+        Scenario::Huge { path } => huge::run(spec, path, seed, &mut tracker),
+        Scenario::KvmWrites => kvm_writes::run(spec, seed, &mut tracker),
+        Scenario::Memslot { op } => memslot::run(spec, op, seed, &mut tracker),
+        Scenario::GuestTables { case } => tables::run(spec, case, seed, &mut tracker),
+        Scenario::Access { kind } => access::run(spec, kind, seed, &mut tracker),
+    };
+    let mut findings = match (outcome, tracker.get().failure()) {
+        // A vCPU blocked because the tracker's own machinery failed (a uffd handler thread
+        // that stopped): the harness's error, naming what failed, not a kernel hazard.
+        (Err(TrialError::Hazard(h)), Some(why)) => {
+            return Err(TrialError::Error(format!("{why}; then: {h}")));
+        }
+        (outcome, _) => outcome?,
     };
     findings.affected = tracker.affected();
     findings.lost_for_sure = tracker.lost_for_sure();
