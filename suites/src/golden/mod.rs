@@ -280,7 +280,7 @@ impl Golden {
         let inside: std::collections::BTreeSet<(u32, u64)> =
             explained.iter().map(|l| (l.slot, l.page)).collect();
         let touched: Vec<(u32, u64)> = result.injected_pages.iter().flatten().copied().collect();
-        let (blurred, outside): (Vec<(u32, u64)>, Vec<(u32, u64)>) =
+        let (blurred, outside): (Vec<_>, Vec<_>) =
             touched.into_iter().partition(|p| inside.contains(p));
         if outside.is_empty() {
             result.verdict = Verdict::Skip;
