@@ -4,8 +4,9 @@
 //! - `drop-page`: every collect drops one page from the result, after the mechanism collected
 //!   (and will rearm) it — the page is re-protected but never reported, as if the kernel had
 //!   lost its dirty bit. Where the driver told it which pages have a write this collect must
-//!   report ([`Tracker::note_at_stake`]), it drops the lowest of those the collect reported, so
-//!   every drop loses a write and the oracle must name exactly the dropped pages
+//!   report ([`Tracker::note_at_stake`]), it drops the lowest of those the collect reported that
+//!   it has not dropped before, so every drop loses a write of its own and the oracle must name
+//!   exactly the dropped pages
 //!   ([`Injected::lost_for_sure`]); otherwise the lowest reported page.
 //! - `skip-rearm`: the first rearm after a collect that reported pages is skipped: those pages
 //!   stay writable, so later writes to them are never logged.
@@ -168,7 +169,10 @@ impl Tracker for Injected {
         match self.fault {
             Fault::DropPage => {
                 let victim = match &at_stake {
-                    Some(stake) => self.scratch.iter().find(|&(s, p)| stake.contains(s, p)),
+                    // Each page at most once, so every drop is a loss of its own to name.
+                    Some(stake) => self.scratch.iter().find(|&(s, p)| {
+                        stake.contains(s, p) && !self.lost_for_sure.contains(s, p)
+                    }),
                     None => self.scratch.iter().next(),
                 };
                 if let Some((slot, page)) = victim {
