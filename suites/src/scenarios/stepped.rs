@@ -62,12 +62,20 @@ const STALL_LIMIT: u32 = 1000;
 
 /// Run every ready vCPU to its next stop. A vCPU that only ever reports a full dirty ring
 /// without progress is stuck: after [`STALL_LIMIT`] such runs in a row, segments stop running.
-fn segment(m: &mut Machine, stalls: &mut u32) -> Result<(), TrialError> {
+/// `full[v]` is set when vCPU v stopped on a full dirty ring.
+fn segment(m: &mut Machine, stalls: &mut u32, full: &mut [bool]) -> Result<(), TrialError> {
     if *stalls >= STALL_LIMIT {
         return Ok(());
     }
     let before = m.total_progress();
     let stops = m.run()?;
+    for (v, stop) in &stops {
+        if *stop == Stop::RingFull
+            && let Some(f) = full.get_mut(*v)
+        {
+            *f = true;
+        }
+    }
     let ring_only = !stops.is_empty() && stops.iter().all(|(_, s)| *s == Stop::RingFull);
     if ring_only && m.total_progress() == before {
         *stalls += 1;
@@ -85,6 +93,10 @@ struct Stepper<'p> {
     huge: u64,
     vcpus: usize,
     stalls: u32,
+    /// Which vCPUs stopped on a full dirty ring since the last collect.
+    full: Vec<bool>,
+    /// That, per harvest round (index = round - 1), for the lost pages' context.
+    full_by_round: Vec<Vec<bool>>,
 }
 
 impl Stepper<'_> {
@@ -98,6 +110,8 @@ impl Stepper<'_> {
     ) -> Result<(), TrialError> {
         self.ledger.observe(&progress(m, self.vcpus), word(m))?;
         tracker.note_at_stake(&self.ledger.at_stake());
+        let full = std::mem::replace(&mut self.full, vec![false; self.vcpus]);
+        self.full_by_round.push(full);
         self.out.clear();
         let ctx = CollectContext {
             everything: tracker.reports_everything_next(),
@@ -111,6 +125,7 @@ impl Stepper<'_> {
             rounds,
             vcpus,
             stalls,
+            full,
             ..
         } = self;
         harvest(
@@ -130,7 +145,7 @@ impl Stepper<'_> {
                     Step::Rearm => {}
                 }
                 if race && step != last && any_ready(m) {
-                    segment(m, stalls)?;
+                    segment(m, stalls, full)?;
                     ledger.observe(&progress(m, *vcpus), word(m))?;
                 }
                 Ok(())
@@ -172,10 +187,12 @@ pub(crate) fn drive_loaded(
         huge,
         vcpus: program.vcpu_count(),
         stalls: 0,
+        full: vec![false; program.vcpu_count()],
+        full_by_round: Vec::new(),
     };
     st.harvest(m, tracker, false)?; // baseline: everything before the guest runs
     while any_ready(m) && st.stalls < STALL_LIMIT {
-        segment(m, &mut st.stalls)?;
+        segment(m, &mut st.stalls, &mut st.full)?;
         st.harvest(m, tracker, race)?;
     }
     st.harvest(m, tracker, false)?; // final: every vCPU is done (or stuck)
@@ -217,6 +234,13 @@ pub(crate) fn drive_loaded(
     check_mode(&evidence)?;
     findings.mode = Some(evidence);
     findings.report = st.ledger.report().clone();
+    for lost in &mut findings.report.lost {
+        let round = usize::try_from(lost.round).unwrap_or(usize::MAX);
+        lost.ring_full = round
+            .checked_sub(1)
+            .and_then(|r| st.full_by_round.get(r))
+            .and_then(|f| f.get(lost.vcpu).copied());
+    }
     Ok(SteppedRun {
         extras: st.ledger.extras_log.take().unwrap_or_default(),
         findings,
