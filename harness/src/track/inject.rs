@@ -170,9 +170,10 @@ impl Tracker for Injected {
             Fault::DropPage => {
                 let victim = match &at_stake {
                     // Each page at most once, so every drop is a loss of its own to name.
-                    Some(stake) => self.scratch.iter().find(|&(s, p)| {
-                        stake.contains(s, p) && !self.lost_for_sure.contains(s, p)
-                    }),
+                    Some(stake) => self
+                        .scratch
+                        .iter()
+                        .find(|&(s, p)| stake.contains(s, p) && !self.lost_for_sure.contains(s, p)),
                     None => self.scratch.iter().next(),
                 };
                 if let Some((slot, page)) = victim {

@@ -313,6 +313,18 @@ impl Golden {
             result.reason = Some(format!(
                 "every lost page is explained by the recorded failure of {base} ({sig}): the injected loss was not named"
             ));
+        } else if !result.lost.is_empty() {
+            let first: Vec<String> = result
+                .lost
+                .iter()
+                .take(3)
+                .map(ToString::to_string)
+                .collect();
+            result.reason = Some(format!(
+                "a NEW failure outside the recorded signature of {base} ({sig}): lost {} page(s): {}",
+                result.lost.len(),
+                first.join("; ")
+            ));
         }
     }
 }

@@ -18,8 +18,9 @@ use trackcheck_guests::sim::{ThreadEvents, writes_through};
 use trackcheck_harness::Stop;
 use trackcheck_harness::machine::{Machine, RunView, VcpuState};
 use trackcheck_harness::oracle::{LostPage, RunningCheck, Shadow, attribute_round};
-use trackcheck_harness::track::{PageSet, Step, TrackSource, Tracker, harvest};
+use trackcheck_harness::track::{PageSet, Tracker};
 
+use super::driver::{RunningOracle, harvest_plain};
 use super::{Findings, TrialError, TrialTracker, check_mode};
 use crate::programs;
 use crate::spec::{Scenario, TrialSpec};
@@ -36,29 +37,6 @@ const MIN_BUSY_ROUNDS: u32 = 10;
 const MIN_WRITES: u64 = 512;
 /// How long a vCPU may stay on KVM_EXIT_DIRTY_RING_FULL while the host keeps resetting.
 const RING_FULL_PATIENCE: Duration = Duration::from_secs(2);
-
-/// Harvest once, copying at the copy step.
-fn harvest_into<S: TrackSource>(
-    tracker: &mut dyn Tracker,
-    src: &mut S,
-    out: &mut PageSet,
-    shadow: &mut Shadow,
-    data: impl Fn(&S) -> &trackcheck_harness::GuestMemory,
-) -> Result<u64, TrialError> {
-    out.clear();
-    harvest(
-        tracker,
-        src,
-        out,
-        |step, src, set| -> Result<(), TrialError> {
-            if step == Step::Copy {
-                shadow.copy(data(src), set);
-            }
-            Ok(())
-        },
-    )?;
-    Ok(out.len())
-}
 
 pub(super) fn run(
     spec: &TrialSpec,
@@ -142,14 +120,16 @@ fn drive(
     let before = m.vcpu_stats();
     m.attach(tracker)?;
     let layout = m.data_layout();
-    let mut shadow = Shadow::new(layout.clone(), m.data());
-    let mut check = RunningCheck::new(program, layout.clone());
+    let mut oracle = RunningOracle {
+        shadow: Shadow::new(layout.clone(), m.data()),
+        check: RunningCheck::new(program, layout.clone()),
+    };
     let mut lost: Vec<LostPage> = Vec::new();
     let mut ring_full_seen: Vec<u64> = (0..n).map(|i| m.vcpu_ring_full_exits(i)).collect();
     let mut out = PageSet::new();
     // Baseline harvest before the guest runs (INITIALLY_SET reports everything here).
-    tracker.note_at_stake(&PageSet::new());
-    let mut reported = harvest_into(tracker, m, &mut out, &mut shadow, Machine::data)?;
+    harvest_plain(tracker, m, &mut out, &mut oracle)?;
+    let mut reported = out.len();
     let (host, run) = m.run_with(|view| {
         let mut snapshots: Vec<Vec<u64>> = Vec::new();
         let mut reported = 0;
@@ -163,15 +143,9 @@ fn drive(
                 snapshots.push(now.clone());
                 // Round 1 was the baseline harvest; this is round snapshots + 1.
                 let round = u32::try_from(snapshots.len() + 1).unwrap_or(u32::MAX);
-                check.advance(&now)?;
-                tracker.note_at_stake(&check.at_stake(&shadow));
-                *reported += harvest_into(
-                    tracker,
-                    &mut v,
-                    &mut out,
-                    &mut shadow,
-                    |s: &&RunView<'_>| s.data(),
-                )?;
+                oracle.check.advance(&now)?;
+                harvest_plain(tracker, &mut v, &mut out, &mut oracle)?;
+                *reported += out.len();
                 // Which vCPUs waited out a full ring since the previous collect.
                 let full: Vec<bool> = (0..n)
                     .map(|i| {
@@ -180,12 +154,12 @@ fn drive(
                         now > was
                     })
                     .collect();
-                lost.extend(check.check(&shadow, round, &out, Some(&full)));
+                lost.extend(oracle.check.check(&oracle.shadow, round, &out, Some(&full)));
                 between(
                     view,
                     u32::try_from(snapshots.len()).unwrap_or(u32::MAX),
                     &now,
-                    &mut shadow,
+                    &mut oracle.shadow,
                 )?;
                 // Writes of this program so far (progress counts from its seq base).
                 Ok(now.iter().map(|p| p.saturating_sub(base)).collect())
@@ -258,13 +232,17 @@ fn drive(
     let last: Vec<u64> = (0..n).map(|i| m.progress(i)).collect();
     snapshots.push(last.clone());
     let rounds = u32::try_from(snapshots.len()).unwrap_or(u32::MAX);
-    check.advance(&last)?;
-    tracker.note_at_stake(&check.at_stake(&shadow));
-    reported += harvest_into(tracker, m, &mut out, &mut shadow, Machine::data)?;
+    oracle.check.advance(&last)?;
+    harvest_plain(tracker, m, &mut out, &mut oracle)?;
+    reported += out.len();
     let full: Vec<bool> = (0..n)
         .map(|i| m.vcpu_ring_full_exits(i) > ring_full_seen[i])
         .collect();
-    lost.extend(check.check(&shadow, rounds + 1, &out, Some(&full)));
+    lost.extend(
+        oracle
+            .check
+            .check(&oracle.shadow, rounds + 1, &out, Some(&full)),
+    );
     let after = m.vcpu_stats();
     let mut findings = Findings {
         hazards,
@@ -275,7 +253,7 @@ fn drive(
     for l in lost {
         findings.report.add_lost(l);
     }
-    let at_end = shadow.compare(m.data());
+    let at_end = oracle.shadow.compare(m.data());
     if per_harvest > 0 || !at_end.is_empty() {
         findings.evidence.push(format!(
             "the per-harvest check named {per_harvest} page(s); the final comparison alone finds {}",
@@ -317,7 +295,7 @@ fn drive(
         written.len(),
         rounds - 1,
         work.busy_rounds,
-        check.words_checked()
+        oracle.check.words_checked()
     ));
     if m.ring_full_exits() > 0 {
         findings.evidence.push(format!(

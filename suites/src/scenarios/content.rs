@@ -13,10 +13,12 @@
 use std::collections::BTreeSet;
 use std::ops::Range;
 
+use trackcheck_harness::GuestMemory;
 use trackcheck_harness::machine::Machine;
 use trackcheck_harness::oracle::{DataLayout, LostPage, Shadow};
-use trackcheck_harness::track::{PageSet, Step, TrackError, Tracker, harvest};
+use trackcheck_harness::track::{PageSet, Tracker};
 
+use super::driver::{HarvestOracle, harvest_plain};
 use super::{Findings, TrialError};
 
 /// A data page KVM writes itself, for naming a lost write there.
@@ -46,6 +48,11 @@ pub(super) struct ContentOracle {
     /// Page-table pages found changed at a collect after the baseline (accessed/dirty bits set
     /// by KVM, or the guest's own entry writes), summed over collects.
     pub table_changes: u64,
+    /// The data layout at the current harvest.
+    layout: DataLayout,
+    /// What the current harvest's collect found changed: data pages, and page-table pages.
+    changed: Vec<u64>,
+    changed_tables: u64,
 }
 
 impl ContentOracle {
@@ -60,6 +67,9 @@ impl ContentOracle {
             kvm_pages,
             tables: m.program_pages()..m.config().data_pages,
             table_changes: 0,
+            layout: m.data_layout(),
+            changed: Vec::new(),
+            changed_tables: 0,
         }
     }
 
@@ -99,38 +109,39 @@ impl ContentOracle {
         tracker: &mut dyn Tracker,
     ) -> Result<Vec<u64>, TrialError> {
         self.round += 1;
-        self.out.clear();
-        let layout = m.data_layout();
-        let round = self.round;
+        self.layout = m.data_layout();
+        let mut out = std::mem::take(&mut self.out);
+        let steps = harvest_plain(tracker, m, &mut out, self);
+        self.out = out;
+        steps?;
+        self.findings.report.rounds = self.round;
+        if self.round > 1 {
+            self.table_changes += self.changed_tables;
+        }
+        Ok(std::mem::take(&mut self.changed))
+    }
+}
+
+impl HarvestOracle for ContentOracle {
+    fn collected(&mut self, data: &GuestMemory, set: &PageSet) {
         let known = Known {
             gone: &self.gone,
             kvm_pages: &self.kvm_pages,
             tables: self.tables.clone(),
         };
-        let (shadow, findings) = (&mut self.shadow, &mut self.findings);
-        let mut changed = Vec::new();
-        let mut table_changes = 0;
-        harvest(
-            tracker,
-            m,
-            &mut self.out,
-            |step, m: &mut Machine, out| -> Result<(), TrackError> {
-                match step {
-                    Step::Collect => {
-                        (changed, table_changes) =
-                            judge(&layout, shadow, m, out, &known, round, findings);
-                    }
-                    Step::Copy => shadow.copy(m.data(), out),
-                    Step::Rearm => {}
-                }
-                Ok(())
-            },
-        )?;
-        self.findings.report.rounds = self.round;
-        if self.round > 1 {
-            self.table_changes += table_changes;
-        }
-        Ok(changed)
+        (self.changed, self.changed_tables) = judge(
+            &self.layout,
+            &self.shadow,
+            data,
+            set,
+            &known,
+            self.round,
+            &mut self.findings,
+        );
+    }
+
+    fn copied(&mut self, data: &GuestMemory, set: &PageSet) {
+        self.shadow.copy(data, set);
     }
 }
 
@@ -146,7 +157,7 @@ struct Known<'a> {
 fn judge(
     layout: &DataLayout,
     shadow: &Shadow,
-    m: &Machine,
+    data: &GuestMemory,
     out: &PageSet,
     known: &Known<'_>,
     round: u32,
@@ -155,7 +166,7 @@ fn judge(
     let mut changed = Vec::new();
     let mut tables_changed = 0;
     let mut changed_reported = 0u64;
-    for mm in shadow.compare(m.data()) {
+    for mm in shadow.compare(data) {
         let Some((slot, page)) = layout.locate(mm.data_page) else {
             continue;
         };

@@ -5,6 +5,7 @@ mod access;
 mod concurrent;
 mod content;
 mod crosscheck;
+mod driver;
 mod geometry;
 mod huge;
 #[cfg_attr(

@@ -20,10 +20,9 @@ use trackcheck_guests::{Op, Program, Thread};
 use trackcheck_harness::Stop;
 use trackcheck_harness::machine::{DATA_SLOT, Machine, VcpuState};
 use trackcheck_harness::oracle::{CollectContext, Ledger, LostPage, OracleReport, Shadow};
-use trackcheck_harness::track::{
-    PageSet, Step, TrackError, TrackSource, Tracker, TrackerSpec, harvest, huge_unit_pages,
-};
+use trackcheck_harness::track::{PageSet, TrackSource, Tracker, TrackerSpec, huge_unit_pages};
 
+use super::driver::{HarvestOracle, LedgerOracle, harvest_plain};
 use super::{Findings, TrialError, TrialTracker};
 use crate::model::{INITIAL, Model, ModelState, Phase, Transition};
 use crate::spec::TrialSpec;
@@ -280,8 +279,8 @@ pub(super) fn interleavings(spec: &TrialSpec, seed: u64) -> Result<Findings, Tri
 struct Sut {
     machine: Machine,
     tracker: Box<dyn Tracker>,
-    ledger: Ledger<'static>,
-    shadow: Shadow,
+    /// The ledger and the shadow, heard through the one harvest interface.
+    oracle: LedgerOracle<'static>,
     /// The model's collect (copied at the model's copy).
     collected: PageSet,
     scratch: PageSet,
@@ -324,8 +323,8 @@ impl Sut {
     /// The model's collect: into `collected`, checking containment; panics naming newly lost
     /// pages.
     fn collect(&mut self) {
-        let ctx = self.ctx();
-        let before = self.ledger.report().lost.len();
+        self.oracle.ctx = self.ctx();
+        let before = self.oracle.ledger.report().lost.len();
         self.collected.clear();
         if let Err(e) = self
             .tracker
@@ -333,9 +332,9 @@ impl Sut {
         {
             sut_error(e);
         }
-        self.ledger.collected(&self.collected, ctx);
+        self.oracle.collected(self.machine.data(), &self.collected);
         self.everything_next = false;
-        let lost = self.ledger.report().lost[before..].to_vec();
+        let lost = self.oracle.ledger.report().lost[before..].to_vec();
         if !lost.is_empty() {
             fail(lost, Vec::new(), "not reported");
         }
@@ -343,39 +342,25 @@ impl Sut {
 
     /// The model's copy of what its collect reported.
     fn copy(&mut self) {
-        self.shadow.copy(self.machine.data(), &self.collected);
-        self.ledger.copied(&self.collected);
+        self.oracle.copied(self.machine.data(), &self.collected);
     }
 
     /// A full harvest outside the model's steps (a dirty ring filled up mid-segment: the
     /// contract demands collect and reset before the vCPU can go on).
     fn forced_harvest(&mut self) {
-        self.ledger.advance();
-        let ctx = self.ctx();
-        let before = self.ledger.report().lost.len();
-        self.scratch.clear();
-        let (ledger, shadow) = (&mut self.ledger, &mut self.shadow);
-        let steps = harvest(
+        self.oracle.ledger.advance();
+        self.oracle.ctx = self.ctx();
+        let before = self.oracle.ledger.report().lost.len();
+        if let Err(e) = harvest_plain(
             self.tracker.as_mut(),
             &mut self.machine,
             &mut self.scratch,
-            |step, m, out| -> Result<(), TrackError> {
-                match step {
-                    Step::Collect => ledger.collected(out, ctx),
-                    Step::Copy => {
-                        shadow.copy(m.data(), out);
-                        ledger.copied(out);
-                    }
-                    Step::Rearm => {}
-                }
-                Ok(())
-            },
-        );
-        if let Err(e) = steps {
+            &mut self.oracle,
+        ) {
             sut_error(e);
         }
         self.everything_next = false;
-        let lost = self.ledger.report().lost[before..].to_vec();
+        let lost = self.oracle.ledger.report().lost[before..].to_vec();
         if !lost.is_empty() {
             fail(lost, Vec::new(), "not reported");
         }
@@ -428,7 +413,7 @@ impl Sut {
     /// Record the program's writes up to each vCPU's progress that are not recorded yet (a
     /// write recorded twice would make an already copied page look unsynced again).
     fn record(&mut self, program: &Program) {
-        self.ledger.advance();
+        self.oracle.ledger.advance();
         let data = self.machine.data();
         let word = |page: u64, offset: u16| data.read_u64(page * 4096 + u64::from(offset));
         for (v, thread) in program.vcpus.iter().enumerate() {
@@ -449,7 +434,7 @@ impl Sut {
             }
             let already = self.recorded[v];
             for (page, seq) in writes.into_iter().filter(|(_, seq)| *seq > already) {
-                if let Err(e) = self.ledger.record_write(page, v, seq) {
+                if let Err(e) = self.oracle.ledger.record_write(page, v, seq) {
                     sut_error(e);
                 }
                 self.recorded[v] = seq;
@@ -482,8 +467,12 @@ impl StateMachineTest for Sut {
         let layout = machine.data_layout();
         let huge = huge_unit_pages(tracker.as_ref(), machine.vm(), DATA_SLOT);
         Self {
-            ledger: Ledger::without_program(layout.clone(), tracker.allowances()),
-            shadow: Shadow::new(layout, machine.data()),
+            oracle: LedgerOracle {
+                ledger: Ledger::without_program(layout.clone(), tracker.allowances()),
+                shadow: Shadow::new(layout, machine.data()),
+                ctx: CollectContext::default(),
+                rounds: None,
+            },
             collected: PageSet::new(),
             scratch: PageSet::new(),
             seq: 0,
@@ -507,7 +496,7 @@ impl StateMachineTest for Sut {
         match transition {
             Transition::Write(writes) => sut.write(&writes),
             Transition::Collect => {
-                sut.ledger.advance();
+                sut.oracle.ledger.advance();
                 sut.collect();
             }
             Transition::Rearm { first, count } => {
@@ -547,8 +536,9 @@ impl StateMachineTest for Sut {
         }
         sut.forced_harvest();
         let layout = sut.machine.data_layout();
-        let rounds = sut.ledger.report().rounds;
+        let rounds = sut.oracle.ledger.report().rounds;
         let lost: Vec<LostPage> = sut
+            .oracle
             .shadow
             .compare(sut.machine.data())
             .into_iter()
@@ -566,7 +556,7 @@ impl StateMachineTest for Sut {
         }
         TOTALS.with(|t| {
             if let Some(total) = t.borrow_mut().as_mut() {
-                total.add_counts(sut.ledger.report());
+                total.add_counts(sut.oracle.ledger.report());
             }
         });
         POOL.with(|p| *p.borrow_mut() = Some(sut.machine));
@@ -580,9 +570,9 @@ impl Sut {
         }
         self.logging = true;
         // A new migration round: the host copies everything anew.
-        self.ledger.advance();
-        self.ledger.rebaseline();
-        self.shadow = Shadow::new(self.machine.data_layout(), self.machine.data());
+        self.oracle.ledger.advance();
+        self.oracle.ledger.rebaseline();
+        self.oracle.shadow = Shadow::new(self.machine.data_layout(), self.machine.data());
         self.everything_next = self.initially_set;
     }
 }

@@ -7,8 +7,9 @@ use trackcheck_harness::Stop;
 use trackcheck_harness::machine::{DATA_SLOT, Machine, VcpuState};
 use trackcheck_harness::oracle::Ledger;
 use trackcheck_harness::oracle::{CollectContext, ExtraRecord, LostPage, Shadow};
-use trackcheck_harness::track::{PageSet, Step, Tracker, harvest, huge_unit_pages};
+use trackcheck_harness::track::{PageSet, Tracker, huge_unit_pages};
 
+use super::driver::{LedgerOracle, harvest_with};
 use super::{Findings, TrialError, TrialTracker, check_mode};
 use crate::programs;
 use crate::spec::{Scenario, TrialSpec};
@@ -86,10 +87,8 @@ fn segment(m: &mut Machine, stalls: &mut u32, full: &mut [bool]) -> Result<(), T
 }
 
 struct Stepper<'p> {
-    ledger: Ledger<'p>,
-    shadow: Shadow,
+    oracle: LedgerOracle<'p>,
     out: PageSet,
-    rounds: Vec<PageSet>,
     huge: u64,
     vcpus: usize,
     stalls: u32,
@@ -108,45 +107,33 @@ impl Stepper<'_> {
         tracker: &mut dyn Tracker,
         race: bool,
     ) -> Result<(), TrialError> {
-        self.ledger.observe(&progress(m, self.vcpus), word(m))?;
-        tracker.note_at_stake(&self.ledger.at_stake());
+        self.oracle
+            .ledger
+            .observe(&progress(m, self.vcpus), word(m))?;
         let full = std::mem::replace(&mut self.full, vec![false; self.vcpus]);
         self.full_by_round.push(full);
-        self.out.clear();
-        let ctx = CollectContext {
+        self.oracle.ctx = CollectContext {
             everything: tracker.reports_everything_next(),
             huge_unit_pages: self.huge,
         };
         let last = tracker.order()[2];
         let Self {
-            ledger,
-            shadow,
+            oracle,
             out,
-            rounds,
             vcpus,
             stalls,
             full,
             ..
         } = self;
-        harvest(
+        harvest_with(
             tracker,
             m,
             out,
-            |step, m: &mut Machine, set| -> Result<(), TrialError> {
-                match step {
-                    Step::Collect => {
-                        ledger.collected(set, ctx);
-                        rounds.push(set.clone());
-                    }
-                    Step::Copy => {
-                        shadow.copy(m.data(), set);
-                        ledger.copied(set);
-                    }
-                    Step::Rearm => {}
-                }
+            oracle,
+            |step, m: &mut Machine, oracle: &mut LedgerOracle<'_>| -> Result<(), TrialError> {
                 if race && step != last && any_ready(m) {
                     segment(m, stalls, full)?;
-                    ledger.observe(&progress(m, *vcpus), word(m))?;
+                    oracle.ledger.observe(&progress(m, *vcpus), word(m))?;
                 }
                 Ok(())
             },
@@ -180,10 +167,13 @@ pub(crate) fn drive_loaded(
     let mut ledger = Ledger::new(program, layout.clone(), tracker.allowances());
     ledger.record_extras();
     let mut st = Stepper {
-        ledger,
-        shadow: Shadow::new(layout.clone(), m.data()),
+        oracle: LedgerOracle {
+            ledger,
+            shadow: Shadow::new(layout.clone(), m.data()),
+            ctx: CollectContext::default(),
+            rounds: Some(Vec::new()),
+        },
         out: PageSet::new(),
-        rounds: Vec::new(),
         huge,
         vcpus: program.vcpu_count(),
         stalls: 0,
@@ -197,7 +187,7 @@ pub(crate) fn drive_loaded(
     }
     st.harvest(m, tracker, false)?; // final: every vCPU is done (or stuck)
     let after = m.vcpu_stats();
-    let rounds = st.ledger.report().rounds;
+    let rounds = st.oracle.ledger.report().rounds;
     let mut findings = Findings::default();
     if st.stalls >= STALL_LIMIT {
         findings.hazards.push(format!(
@@ -207,8 +197,8 @@ pub(crate) fn drive_loaded(
     }
     // Memory must now equal the shadow; a difference the containment check did not name is
     // still a lost write, named by the stamp in memory.
-    for mm in st.shadow.compare(m.data()) {
-        st.ledger.report_mut().add_lost(LostPage::at(
+    for mm in st.oracle.shadow.compare(m.data()) {
+        st.oracle.ledger.report_mut().add_lost(LostPage::at(
             &layout,
             mm.data_page,
             mm.vcpu(),
@@ -221,19 +211,19 @@ pub(crate) fn drive_loaded(
     findings.evidence.push(format!(
         "{} writes to {} distinct pages over {} harvests",
         m.writes_done(),
-        st.ledger.pages_written(),
+        st.oracle.ledger.pages_written(),
         rounds
     ));
-    if !st.ledger.unexplained_examples.is_empty() {
+    if !st.oracle.ledger.unexplained_examples.is_empty() {
         findings.evidence.push(format!(
             "unexplained extra pages (slot, page): {:?}",
-            st.ledger.unexplained_examples
+            st.oracle.ledger.unexplained_examples
         ));
     }
     findings.evidence.extend(tracker.evidence());
     check_mode(&evidence)?;
     findings.mode = Some(evidence);
-    findings.report = st.ledger.report().clone();
+    findings.report = st.oracle.ledger.report().clone();
     for lost in &mut findings.report.lost {
         let round = usize::try_from(lost.round).unwrap_or(usize::MAX);
         lost.ring_full = round
@@ -242,8 +232,8 @@ pub(crate) fn drive_loaded(
             .and_then(|f| f.get(lost.vcpu).copied());
     }
     Ok(SteppedRun {
-        extras: st.ledger.extras_log.take().unwrap_or_default(),
+        extras: st.oracle.ledger.extras_log.take().unwrap_or_default(),
         findings,
-        rounds: st.rounds,
+        rounds: st.oracle.rounds.take().unwrap_or_default(),
     })
 }
