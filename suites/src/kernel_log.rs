@@ -48,10 +48,26 @@ fn note_unattributed(key: String, line: String) {
 /// (in kernel log order), and forget them. A run's report calls it once at its end.
 #[must_use]
 pub fn take_unattributed() -> Vec<String> {
-    UNATTRIBUTED
+    // A poisoned lock still holds the lines (a panicking trial thread cannot lose them).
+    let mut lines = UNATTRIBUTED
         .lock()
-        .map(|mut lines| std::mem::take(&mut *lines).into_values().collect())
-        .unwrap_or_default()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    std::mem::take(&mut *lines).into_values().collect()
+}
+
+/// For a test binary's end: print the unattributed hazard lines once (they belong to no test)
+/// and say whether there were any (the binary then fails).
+#[must_use]
+pub fn report_unattributed() -> bool {
+    let unattributed = take_unattributed();
+    if unattributed.is_empty() {
+        return false;
+    }
+    eprintln!("kernel hazards no trial's threads logged (unattributed; they fail the run):");
+    for line in &unattributed {
+        eprintln!("  {line}");
+    }
+    true
 }
 
 /// Watches the kernel log from `start` to `finish`.

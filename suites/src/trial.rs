@@ -275,12 +275,7 @@ pub fn run_trial(
                 [one, more @ ..] => format!("; also: {one} (+{} more in the evidence)", more.len()),
             };
             if !result.lost.is_empty() {
-                let first: Vec<String> = result
-                    .lost
-                    .iter()
-                    .take(3)
-                    .map(ToString::to_string)
-                    .collect();
+                let first = first_lost(&result.lost);
                 let more = if result.lost.len() > 3 {
                     format!(" (+{} more)", result.lost.len() - 3)
                 } else {
@@ -290,7 +285,7 @@ pub fn run_trial(
                 let reason = format!(
                     "lost {} page(s): {}{more}{}",
                     result.lost.len(),
-                    first.join("; "),
+                    first,
                     also(&rest)
                 );
                 fail(&mut result, FailKind::Lost, reason);
@@ -347,6 +342,13 @@ pub fn charge_kernel_hazards(result: &mut TrialResult, hazards: &[String]) {
             );
         }
     }
+}
+
+/// The first three lost pages, for a reason.
+#[must_use]
+pub fn first_lost(lost: &[LostPage]) -> String {
+    let first: Vec<String> = lost.iter().take(3).map(ToString::to_string).collect();
+    first.join("; ")
 }
 
 fn fail(result: &mut TrialResult, kind: FailKind, reason: String) {

@@ -106,12 +106,7 @@ fn main() {
     let conclusion = libtest_mimic::run(&args, trials);
     // Kernel hazard lines no trial's threads logged are charged to no test: shown once, and
     // they fail the binary.
-    let unattributed = trackcheck_suites::kernel_log::take_unattributed();
-    if !unattributed.is_empty() {
-        eprintln!("kernel hazards no trial's threads logged (unattributed; they fail the run):");
-        for line in &unattributed {
-            eprintln!("  {line}");
-        }
+    if trackcheck_suites::kernel_log::report_unattributed() {
         std::process::exit(101);
     }
     conclusion.exit();

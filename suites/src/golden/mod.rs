@@ -314,16 +314,10 @@ impl Golden {
                 "every lost page is explained by the recorded failure of {base} ({sig}): the injected loss was not named"
             ));
         } else if !result.lost.is_empty() {
-            let first: Vec<String> = result
-                .lost
-                .iter()
-                .take(3)
-                .map(ToString::to_string)
-                .collect();
+            let first = crate::trial::first_lost(&result.lost);
             result.reason = Some(format!(
-                "a NEW failure outside the recorded signature of {base} ({sig}): lost {} page(s): {}",
-                result.lost.len(),
-                first.join("; ")
+                "a NEW failure outside the recorded signature of {base} ({sig}): lost {} page(s): {first}",
+                result.lost.len()
             ));
         }
     }
