@@ -368,9 +368,18 @@ mod tests {
         }
         for pattern in Pattern::ALL {
             for vcpus in 1..=4 {
-                concurrent(5, pattern, vcpus, 2048)
-                    .validate()
-                    .expect("valid");
+                let p = concurrent(5, pattern, vcpus, 2048);
+                p.validate().expect("valid");
+                // Each vCPU writes its own word, so the per-harvest check is exact.
+                let offsets: std::collections::BTreeSet<u16> = p
+                    .vcpus
+                    .iter()
+                    .map(|t| match t.ops.as_slice() {
+                        [Op::Loop { offset, .. }] => *offset,
+                        other => panic!("not one endless loop: {other:?}"),
+                    })
+                    .collect();
+                assert_eq!(offsets.len(), vcpus, "{pattern:?} on {vcpus} vCPUs");
             }
         }
         assert_eq!(
