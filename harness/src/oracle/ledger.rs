@@ -56,6 +56,8 @@ pub struct Ledger<'p> {
     allowances: Vec<Allowance>,
     /// First few unexplained extras, for the report.
     pub unexplained_examples: Vec<(u32, u64)>,
+    /// The previous collect's report (for `LostPage::block_reported`).
+    previous: PageSet,
     /// Every extra page with its class, per round, when recording is on (cross-checks).
     pub extras_log: Option<Vec<ExtraRecord>>,
 }
@@ -101,6 +103,7 @@ impl<'p> Ledger<'p> {
             report: OracleReport::default(),
             allowances: allowances.to_vec(),
             unexplained_examples: Vec::new(),
+            previous: PageSet::new(),
             extras_log: None,
             layout,
         }
@@ -194,7 +197,12 @@ impl<'p> Ledger<'p> {
                 .unwrap_or((u32::MAX, data_page));
             if !reported.contains(slot, page) {
                 let mut lost = LostPage::at(&self.layout, data_page, w.vcpu, w.seq, round);
-                lost.block_reported = Some(super::block_reported(&self.layout, lost.gpa, reported));
+                lost.block_reported = Some(super::block_reported(
+                    &self.layout,
+                    lost.gpa,
+                    reported,
+                    &self.previous,
+                ));
                 self.report.add_lost(lost);
             }
         }
@@ -232,6 +240,7 @@ impl<'p> Ledger<'p> {
                 state.pending = true;
             }
         }
+        self.previous.clone_from(reported);
     }
 
     fn count_unexplained(&mut self, slot: u32, page: u64) {

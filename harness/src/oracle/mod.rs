@@ -101,13 +101,19 @@ impl DataLayout {
     }
 }
 
-/// Pages of `gpa`'s 2 MiB-aligned guest-physical block that `reported` holds (see
+/// Pages of `gpa`'s 2 MiB-aligned guest-physical block that `reported` or `before` holds (see
 /// [`LostPage::block_reported`]).
 #[must_use]
-pub fn block_reported(layout: &DataLayout, gpa: u64, reported: &crate::track::PageSet) -> u32 {
+pub fn block_reported(
+    layout: &DataLayout,
+    gpa: u64,
+    reported: &crate::track::PageSet,
+    before: &crate::track::PageSet,
+) -> u32 {
     const BLOCK: u64 = 2 << 20;
     let n = reported
         .iter()
+        .chain(before.iter().filter(|&(s, p)| !reported.contains(s, p)))
         .filter(|&(slot, page)| {
             layout
                 .data_page(slot, page)
@@ -136,8 +142,10 @@ pub struct LostPage {
     /// one mean the final harvest.
     pub round: u32,
     /// Pages of the lost page's 2 MiB-aligned guest-physical block that the mechanism reported
-    /// in the round the loss belongs to (`None` where the check did not see that round's
-    /// report). Lets a known-failure signature say "silent neighbours of a reported page".
+    /// in the round the loss belongs to or the round before (a write landing between the
+    /// previous collect and its rearm is required in this round, while the fault that made
+    /// its block writable was reported in the previous one); `None` where the check did not see
+    /// those reports. Lets a known-failure signature say "silent neighbours of a reported page".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub block_reported: Option<u32>,
     /// Whether the vCPU that made the lost write took a KVM_EXIT_DIRTY_RING_FULL exit in the

@@ -129,6 +129,8 @@ pub struct RunningCheck<'p> {
     fresh: BTreeSet<(u64, u16)>,
     /// Words checked, summed over harvests.
     checked: u64,
+    /// The previous harvest's report (for [`LostPage::block_reported`]).
+    previous: PageSet,
 }
 
 impl<'p> RunningCheck<'p> {
@@ -148,6 +150,7 @@ impl<'p> RunningCheck<'p> {
             words: BTreeMap::new(),
             fresh: BTreeSet::new(),
             checked: 0,
+            previous: PageSet::new(),
         }
     }
 
@@ -228,10 +231,16 @@ impl<'p> RunningCheck<'p> {
                 continue;
             }
             let mut l = LostPage::at(&self.layout, page, vcpu, seq, round);
-            l.block_reported = Some(super::block_reported(&self.layout, l.gpa, reported));
+            l.block_reported = Some(super::block_reported(
+                &self.layout,
+                l.gpa,
+                reported,
+                &self.previous,
+            ));
             l.ring_full = ring_full.and_then(|r| r.get(vcpu).copied());
             lost.push(l);
         }
+        self.previous.clone_from(reported);
         lost
     }
 

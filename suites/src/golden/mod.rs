@@ -265,13 +265,19 @@ impl Golden {
     /// itself on this host, the lost pages its signature explains are the kernel's: they move
     /// from `lost` to the evidence, and the self-test is judged on the rest. If the signature
     /// explains a page the fault touched, the kernel's loss and the injected one cannot be
-    /// told apart there: the self-test becomes a skip saying so (never a pass).
+    /// told apart there: those pages are not judged, and where that is every page the fault
+    /// touched the self-test becomes a skip saying so (never a pass).
+    ///
+    /// The fault changes what a lost page's context says: a page the fault withheld (or left
+    /// unprotected) was still reported by the kernel. So a lost page the fault did not touch,
+    /// in a 2 MiB block (of its slot) holding a page the fault touched, counts as a neighbour of
+    /// a reported page (`block_reported` at least 1) when the signature is applied.
     fn judge_selftest_on_a_losing_kernel(&self, result: &mut TrialResult) {
         let base = base_name(result);
         let Some(sig) = self.expected(&base).and_then(Expected::signature) else {
             return;
         };
-        let (explained, unexplained) = sig.split_losses(result);
+        let (explained, unexplained) = sig.split_losses(&with_withheld_neighbours(result));
         if explained.is_empty() {
             return;
         }
@@ -321,6 +327,26 @@ impl Golden {
             ));
         }
     }
+}
+
+/// `result` with the lost pages that share a 2 MiB block of their slot with a page the fault
+/// touched (and are not such a page) marked as neighbours of a reported page.
+fn with_withheld_neighbours(result: &TrialResult) -> TrialResult {
+    const BLOCK_PAGES: u64 = 512;
+    let touched: std::collections::BTreeSet<(u32, u64)> =
+        result.injected_pages.iter().flatten().copied().collect();
+    let blocks: std::collections::BTreeSet<(u32, u64)> = touched
+        .iter()
+        .map(|&(slot, page)| (slot, page / BLOCK_PAGES))
+        .collect();
+    let mut adjusted = result.clone();
+    for l in &mut adjusted.lost {
+        if !touched.contains(&(l.slot, l.page)) && blocks.contains(&(l.slot, l.page / BLOCK_PAGES))
+        {
+            l.block_reported = Some(l.block_reported.unwrap_or(0).max(1));
+        }
+    }
+    adjusted
 }
 
 /// The name of `result`'s trial without an injected fault.

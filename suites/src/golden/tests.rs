@@ -332,6 +332,35 @@ fn a_selftest_is_judged_on_the_losses_the_signature_does_not_explain() {
 }
 
 #[test]
+fn the_silent_neighbours_of_a_withheld_page_stay_the_kernels() {
+    let base = spec(Backing::Thp);
+    let injected = TrialSpec {
+        inject: Some(Fault::DropPage),
+        ..base
+    };
+    // The fault withheld page 0, the only page the ring reported of its block: the kernel's
+    // silent neighbours 3 and 9 now look like a block with nothing reported.
+    let mut r = lost(
+        &injected,
+        vec![
+            page(0, Some(0)),
+            page(3, Some(0)),
+            page(9, Some(0)),
+            page(600, Some(0)),
+        ],
+    );
+    r.injected_pages = Some(vec![(2, 0)]);
+    let golden = golden_with(base.name(), "fail:lost(block-reported)");
+    golden.apply(&mut r);
+    assert_eq!(r.verdict, Verdict::Fail);
+    // 3 and 9 share page 0's block: the kernel's. Page 600 (another block) is a new loss the
+    // fault did not touch, and the withheld page 0 is outside the signature.
+    let named: Vec<u64> = r.lost.iter().map(|l| l.page).collect();
+    assert_eq!(named, vec![0, 600]);
+    assert!(!crate::report::caught(&r), "page 600 was not the fault's");
+}
+
+#[test]
 fn blessing_keeps_the_entries_of_trials_it_did_not_run() {
     let s = spec(Backing::Anon);
     let ran = TrialResult::new(&s, 1);
