@@ -82,7 +82,7 @@ pub struct Signature(pub Vec<Clause>);
 pub const LEGEND: &[&str] = &[
     "signature: lost(p+q) = every lost page satisfies p and q; hazard(a,b) = every hazard is of class a or b; any = no condition",
     "  ring-full-writer: the writing vCPU took a KVM_EXIT_DIRTY_RING_FULL exit in the round the loss belongs to",
-    "  block-reported: the mechanism reported another page of the lost page's 2 MiB guest-physical block in that round",
+    "  block-reported: the mechanism reported a page of the lost page's 2 MiB guest-physical block in that round or the one before",
     "  stuck-writer-tail:N: the lost write is among the last N writes of a vCPU the trial reports stuck on KVM_EXIT_DIRTY_RING_FULL",
     "  guest-write / kvm-write / table-change: the lost write is the guest program's / one KVM made itself / a guest page-table change",
     "  hazards: ring-full-stuck (a vCPU stuck on a full ring), warn@FILE:LINE (a kernel WARN there), oops, taint, other",
