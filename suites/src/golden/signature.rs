@@ -33,7 +33,7 @@ pub enum PagePredicate {
     /// The writing vCPU took a KVM_EXIT_DIRTY_RING_FULL exit in the round the loss belongs to.
     RingFullWriter,
     /// The mechanism reported at least one page of the lost page's 2 MiB-aligned
-    /// guest-physical block in that round: a silent neighbour of a reported page.
+    /// guest-physical block in that round or the one before: a silent neighbour of a reported page.
     BlockReported,
     /// The lost write is among the last `n` writes of a vCPU that the trial reports stuck on
     /// KVM_EXIT_DIRTY_RING_FULL (its published progress minus the write's seq is below `n`).
