@@ -355,19 +355,13 @@ fn one_line(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::{Scenario, TrialSpec};
+    use crate::spec::TrialSpec;
     use crate::trial::FailKind;
-    use trackcheck_harness::track::TrackerSpec;
-    use trackcheck_harness::{Backing, ExecutionMode};
+
+    use trackcheck_harness::Backing;
 
     fn result(verdict: Verdict, reason: Option<&str>) -> TrialResult {
-        let spec = TrialSpec {
-            tracker: TrackerSpec::DirtyLog,
-            scenario: Scenario::Stepped,
-            backing: Backing::Anon,
-            mode: ExecutionMode::Native,
-            inject: None,
-        };
+        let spec = TrialSpec::example(Backing::Anon);
         let mut r = TrialResult::new(&spec, 7);
         r.name = format!("{}-{}", spec.name(), verdict.name());
         r.verdict = verdict;

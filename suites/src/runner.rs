@@ -244,18 +244,12 @@ pub fn read_replay(path: &Path) -> Result<ReplayFile, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::{Scenario, TrialSpec};
-    use trackcheck_harness::track::TrackerSpec;
-    use trackcheck_harness::{Backing, ExecutionMode};
+    use crate::spec::TrialSpec;
+
+    use trackcheck_harness::Backing;
 
     fn result(verdict: Verdict, seed: u64) -> TrialResult {
-        let spec = TrialSpec {
-            tracker: TrackerSpec::DirtyLog,
-            scenario: Scenario::Stepped,
-            backing: Backing::Anon,
-            mode: ExecutionMode::Native,
-            inject: None,
-        };
+        let spec = TrialSpec::example(Backing::Anon);
         let mut r = TrialResult::new(&spec, seed);
         r.verdict = verdict;
         if verdict != Verdict::Pass {

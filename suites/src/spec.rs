@@ -377,6 +377,20 @@ pub struct TrialSpec {
     pub inject: Option<Fault>,
 }
 
+#[cfg(test)]
+impl TrialSpec {
+    /// A plain trial for unit tests: `dirty-log`, stepped, native, on `backing`.
+    pub(crate) fn example(backing: trackcheck_harness::Backing) -> Self {
+        Self {
+            tracker: trackcheck_harness::track::TrackerSpec::DirtyLog,
+            scenario: Scenario::Stepped,
+            backing,
+            mode: trackcheck_harness::ExecutionMode::Native,
+            inject: None,
+        }
+    }
+}
+
 impl TrialSpec {
     /// `arch::mechanism::scenario::backing::mode[::inject-fault]`.
     #[must_use]

@@ -373,19 +373,12 @@ fn skip_or_require(result: &mut TrialResult, reason: String, demanded: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::Scenario;
-    use trackcheck_harness::track::TrackerSpec;
-    use trackcheck_harness::{Backing, ExecutionMode};
+
+    use trackcheck_harness::Backing;
 
     #[test]
     fn a_kernel_warn_fails_any_trial_that_ran() {
-        let spec = TrialSpec {
-            tracker: TrackerSpec::DirtyLog,
-            scenario: Scenario::Stepped,
-            backing: Backing::Anon,
-            mode: ExecutionMode::Native,
-            inject: None,
-        };
+        let spec = TrialSpec::example(Backing::Anon);
         let warn = "kernel: WARNING: CPU: 0 PID: 7 at virt/kvm/kvm_main.c:1 f+0x0/0x1".to_string();
         for before in [Verdict::Pass, Verdict::Skip, Verdict::NotExercised] {
             let mut r = TrialResult::new(&spec, 1);

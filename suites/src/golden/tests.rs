@@ -1,21 +1,14 @@
+use trackcheck_harness::Backing;
 use trackcheck_harness::oracle::LostPage;
-use trackcheck_harness::track::TrackerSpec;
 use trackcheck_harness::track::inject::Fault;
-use trackcheck_harness::{Backing, ExecutionMode};
 
 use super::bless::merge;
 use super::signature::{Clause, HazardClass, PagePredicate};
 use super::*;
-use crate::spec::{Scenario, TrialSpec};
+use crate::spec::TrialSpec;
 
 fn spec(backing: Backing) -> TrialSpec {
-    TrialSpec {
-        tracker: TrackerSpec::DirtyLog,
-        scenario: Scenario::Stepped,
-        backing,
-        mode: ExecutionMode::Native,
-        inject: None,
-    }
+    TrialSpec::example(backing)
 }
 
 fn page(page: u64, block_reported: Option<u32>) -> LostPage {
