@@ -14,3 +14,4 @@ pub mod scenarios;
 pub mod spec;
 pub mod strategies;
 pub mod trial;
+pub mod vm;

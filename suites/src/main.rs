@@ -107,6 +107,9 @@ enum Command {
     /// Time every phase of every mechanism (populate, enable, dirty pass, harvest, rearm,
     /// disable), optionally sweeping memory size, vCPUs or dirty ratio.
     Bench(BenchArgs),
+    /// Run trackcheck inside another kernel (Debian 6.1 / 6.12 / 7.2 or your own build), booted
+    /// under QEMU as an x86_64 (AMD SVM + NPT) or arm64 host: the matrix, then the self-test.
+    Vm(Box<trackcheck_suites::vm::cli::VmArgs>),
     /// Run the trial recorded in a replay file again, with its seed.
     Replay {
         /// A replay file written by `trackcheck run`.
@@ -368,6 +371,7 @@ fn main() -> ExitCode {
             run(&specs, seed, format, &out, jobs, golden, bless, repeat)
         }
         Command::Bench(args) => bench(args),
+        Command::Vm(args) => trackcheck_suites::vm::cli::main(*args, golden::default_dir()),
         Command::Replay { file, format } => match runner::read_replay(&file) {
             Err(e) => fail_usage(&e),
             Ok(r) => {
