@@ -12,7 +12,7 @@ use trackcheck_harness::{Backing, ExecutionMode, HostProfile};
 use trackcheck_suites::bench::{self, AccessOrder, BenchConfig, BenchReport, Sweep};
 use trackcheck_suites::env::EnvReport;
 use trackcheck_suites::golden::{self, Golden};
-use trackcheck_suites::report::{GoldenInfo, RunReport};
+use trackcheck_suites::report::RunReport;
 use trackcheck_suites::runner::{self, Selection};
 use trackcheck_suites::scenarios;
 use trackcheck_suites::spec::TrialSpec;
@@ -456,10 +456,13 @@ fn run(
         eprintln!("trackcheck: KVM is unavailable, every trial will be skipped: {why}");
     }
     let golden_dir = golden_dir.unwrap_or_else(golden::default_dir);
-    let golden = match Golden::load(&golden_dir, &host.key()) {
+    let golden = match Golden::load(&golden_dir, &host.golden_key()) {
         Ok(g) => g,
         Err(e) => return fail_usage(&format!("bad golden file: {e}")),
     };
+    if let Some(missing) = golden.missing_note().filter(|_| !bless) {
+        eprintln!("trackcheck: {missing}");
+    }
     let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
     let start = Instant::now();
     let mut runs: Vec<Vec<TrialResult>> = Vec::new();
@@ -494,7 +497,7 @@ fn run(
     }
     let seconds = start.elapsed().as_secs_f64();
     if bless {
-        let text = golden::bless(&host.key(), &host.kernel.release, &runs, &golden);
+        let text = golden::bless(&host.golden_key(), &host.kernel.release, &runs, &golden);
         if let Err(e) =
             std::fs::create_dir_all(&golden_dir).and_then(|()| std::fs::write(&golden.path, &text))
         {
@@ -515,11 +518,7 @@ fn run(
         .keys()
         .filter(|k| !results.iter().any(|r| &r.name == *k))
         .count();
-    let info = GoldenInfo {
-        path: golden.path.display().to_string(),
-        found: golden.found,
-        unmatched,
-    };
+    let info = golden.info(unmatched);
     let mut report = RunReport::new(host, info, results, seconds / f64::from(repeat));
     report.unattributed_kernel_log = trackcheck_suites::kernel_log::take_unattributed();
     let text = report.text();
