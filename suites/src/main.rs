@@ -10,6 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use trackcheck_harness::track::inject::Fault;
 use trackcheck_harness::{Backing, ExecutionMode, HostProfile};
 use trackcheck_suites::bench::{self, AccessOrder, BenchConfig, BenchReport, Sweep};
+use trackcheck_suites::compare;
 use trackcheck_suites::env::EnvReport;
 use trackcheck_suites::golden::{self, Golden};
 use trackcheck_suites::report::RunReport;
@@ -107,6 +108,9 @@ enum Command {
     /// Time every phase of every mechanism (populate, enable, dirty pass, harvest, rearm,
     /// disable), optionally sweeping memory size, vCPUs or dirty ratio.
     Bench(BenchArgs),
+    /// Line up run reports (of several kernels, say) trial by trial: a table of verdicts, by
+    /// default only the trials where they differ.
+    Compare(compare::CompareArgs),
     /// Run the trial recorded in a replay file again, with its seed.
     Replay {
         /// A replay file written by `trackcheck run`.
@@ -368,6 +372,14 @@ fn main() -> ExitCode {
             run(&specs, seed, format, &out, jobs, golden, bless, repeat)
         }
         Command::Bench(args) => bench(args),
+        Command::Compare(args) => match compare::run(&args) {
+            Ok(text) => {
+                // A closed pipe (`| head`) is not an error of the comparison.
+                let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail_usage(&e.to_string()),
+        },
         Command::Replay { file, format } => match runner::read_replay(&file) {
             Err(e) => fail_usage(&e),
             Ok(r) => {
