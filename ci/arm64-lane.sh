@@ -3,7 +3,7 @@
 # Debian's arm64 6.12 kernel under qemu-system-aarch64 with virtualization=on (an emulated arm64
 # host whose /dev/kvm works), runs the arm64 conformance matrix and the oracle's self-tests
 # inside in one boot, brings the reports back out over the serial console and judges them
-# against golden/matrix/<arm64 host key>.snap.
+# against golden/matrix/<arm64 host key>@<kernel series>.snap.
 #
 #   ci/arm64-lane.sh                 # install what is missing, build, boot, run, judge
 #   ci/arm64-lane.sh --bless         # ... and write the arm64 golden matrix back (review it!)
@@ -197,7 +197,7 @@ sed -n '/^=== TRACKCHECK-OUT BEGIN/,/^=== TRACKCHECK-OUT END/p' "$console" | sed
 mv "$OUT/out"/* "$OUT/" && rmdir "$OUT/out"
 ls "$OUT" "$OUT"/matrix "$OUT"/selftest 2>/dev/null || true
 if [ $BLESS = 1 ] && [ -d "$OUT/golden" ]; then
-  for f in "$OUT"/golden/aarch64-*.snap; do cp "$f" golden/matrix/ && echo "blessed: golden/matrix/$(basename "$f")"; done
+  for f in "$OUT"/golden/aarch64-*@*.snap; do cp "$f" golden/matrix/ && echo "blessed: golden/matrix/$(basename "$f")"; done
 fi
 status=0
 for rc in "$OUT"/*.rc; do

@@ -14,6 +14,9 @@ use serde::{Deserialize, Serialize};
 use crate::arch;
 use crate::sys::{self, KvmUnavailable};
 
+mod series;
+pub use series::kernel_series;
+
 /// Everything the suite needs to know about the host under test.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct HostProfile {
@@ -258,6 +261,15 @@ impl HostProfile {
             )
         });
         format!("{}-{}", self.kernel.arch, backend)
+    }
+
+    /// The key of this host's golden matrix: [`key`](Self::key) `@` the kernel series
+    /// ([`kernel_series`]: `x86_64-pvm-shadow@6.18`), since a verdict belongs to a host
+    /// profile and a kernel. A release without a `major.minor` prefix gives `@unknown`.
+    #[must_use]
+    pub fn golden_key(&self) -> String {
+        let series = kernel_series(&self.kernel.release).unwrap_or_else(|| "unknown".into());
+        format!("{}@{series}", self.key())
     }
 }
 
@@ -584,5 +596,10 @@ mod tests {
         let json = serde_json::to_string(&profile).expect("serialises");
         let back: HostProfile = serde_json::from_str(&json).expect("deserialises");
         assert_eq!(back.key(), profile.key());
+        assert!(
+            profile
+                .golden_key()
+                .starts_with(&format!("{}@", profile.key()))
+        );
     }
 }

@@ -10,9 +10,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use trackcheck_harness::track::inject::Fault;
 use trackcheck_harness::{Backing, ExecutionMode, HostProfile};
 use trackcheck_suites::bench::{self, AccessOrder, BenchConfig, BenchReport, Sweep};
+use trackcheck_suites::compare;
 use trackcheck_suites::env::EnvReport;
 use trackcheck_suites::golden::{self, Golden};
-use trackcheck_suites::report::{GoldenInfo, RunReport};
+use trackcheck_suites::report::RunReport;
 use trackcheck_suites::runner::{self, Selection};
 use trackcheck_suites::scenarios;
 use trackcheck_suites::spec::TrialSpec;
@@ -110,6 +111,9 @@ enum Command {
     /// Run trackcheck inside another kernel (Debian 6.1 / 6.12 / 7.2 or your own build), booted
     /// under QEMU as an x86_64 (AMD SVM + NPT) or arm64 host: the matrix, then the self-test.
     Vm(Box<trackcheck_suites::vm::cli::VmArgs>),
+    /// Line up run reports (of several kernels, say) trial by trial: a table of verdicts, by
+    /// default only the trials where they differ.
+    Compare(compare::CompareArgs),
     /// Run the trial recorded in a replay file again, with its seed.
     Replay {
         /// A replay file written by `trackcheck run`.
@@ -372,6 +376,14 @@ fn main() -> ExitCode {
         }
         Command::Bench(args) => bench(args),
         Command::Vm(args) => trackcheck_suites::vm::cli::main(*args, golden::default_dir()),
+        Command::Compare(args) => match compare::run(&args) {
+            Ok(text) => {
+                // A closed pipe (`| head`) is not an error of the comparison.
+                let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail_usage(&e.to_string()),
+        },
         Command::Replay { file, format } => match runner::read_replay(&file) {
             Err(e) => fail_usage(&e),
             Ok(r) => {
@@ -460,10 +472,13 @@ fn run(
         eprintln!("trackcheck: KVM is unavailable, every trial will be skipped: {why}");
     }
     let golden_dir = golden_dir.unwrap_or_else(golden::default_dir);
-    let golden = match Golden::load(&golden_dir, &host.key()) {
+    let golden = match Golden::load(&golden_dir, &host.golden_key()) {
         Ok(g) => g,
         Err(e) => return fail_usage(&format!("bad golden file: {e}")),
     };
+    if let Some(missing) = golden.missing_note().filter(|_| !bless) {
+        eprintln!("trackcheck: {missing}");
+    }
     let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
     let start = Instant::now();
     let mut runs: Vec<Vec<TrialResult>> = Vec::new();
@@ -498,7 +513,7 @@ fn run(
     }
     let seconds = start.elapsed().as_secs_f64();
     if bless {
-        let text = golden::bless(&host.key(), &host.kernel.release, &runs, &golden);
+        let text = golden::bless(&host.golden_key(), &host.kernel.release, &runs, &golden);
         if let Err(e) =
             std::fs::create_dir_all(&golden_dir).and_then(|()| std::fs::write(&golden.path, &text))
         {
@@ -519,11 +534,7 @@ fn run(
         .keys()
         .filter(|k| !results.iter().any(|r| &r.name == *k))
         .count();
-    let info = GoldenInfo {
-        path: golden.path.display().to_string(),
-        found: golden.found,
-        unmatched,
-    };
+    let info = golden.info(unmatched);
     let mut report = RunReport::new(host, info, results, seconds / f64::from(repeat));
     report.unattributed_kernel_log = trackcheck_suites::kernel_log::take_unattributed();
     let text = report.text();

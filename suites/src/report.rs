@@ -3,13 +3,14 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use trackcheck_harness::HostProfile;
 
 use crate::trial::{TrialResult, Verdict};
 
-/// A whole run.
-#[derive(Debug, Serialize)]
+/// A whole run. It reads back from its JSON (`trackcheck compare` reads only a few fields of it,
+/// so that reports of other trackcheck versions compare too).
+#[derive(Debug, Serialize, Deserialize)]
 pub struct RunReport {
     /// The host profile.
     pub host: HostProfile,
@@ -29,19 +30,26 @@ pub struct RunReport {
     pub trials: Vec<TrialResult>,
     /// Kernel hazard lines of the run that no trial's threads logged (each once; see
     /// `kernel_log`): they fail the run, since they may belong to any trial running then.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unattributed_kernel_log: Vec<String>,
 }
 
 /// Which golden file was applied.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct GoldenInfo {
+    /// Its key: host profile `@` kernel series (`x86_64-pvm-shadow@6.18`).
+    #[serde(default)]
+    pub key: String,
     /// Its path.
     pub path: String,
     /// Whether it existed.
     pub found: bool,
     /// Golden entries with no trial in this run (stale or filtered out).
     pub unmatched: usize,
+    /// When it did not exist: which file was looked for, which kernel series of this host
+    /// profile have one, and what that means (`Golden::missing_note`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub missing: Option<String>,
 }
 
 impl RunReport {
@@ -231,16 +239,17 @@ impl RunReport {
         );
         let _ = writeln!(
             out,
-            "host {} | kernel {} | golden {}{}",
-            self.host_key,
-            self.host.kernel.release,
-            self.golden.path,
-            if self.golden.found {
-                ""
-            } else {
-                " (none: failures count as failures; record expectations with --bless)"
-            }
+            "host {} | kernel {} | golden {}",
+            self.host_key, self.host.kernel.release, self.golden.path,
         );
+        if let Some(missing) = &self.golden.missing {
+            let _ = writeln!(out, "{missing}");
+        } else if !self.golden.found {
+            let _ = writeln!(
+                out,
+                "no golden file: every trial is judged on its own; record expectations with --bless"
+            );
+        }
         out
     }
 
@@ -390,9 +399,11 @@ mod tests {
         let report = RunReport::new(
             HostProfile::probe(),
             GoldenInfo {
+                key: "k@6.18".into(),
                 path: "g".into(),
                 found: true,
                 unmatched: 0,
+                missing: None,
             },
             trials,
             1.0,
@@ -431,5 +442,32 @@ mod tests {
                 && ktap.contains("# ERROR EIO")
         );
         assert!(report.has_unexpected());
+    }
+
+    #[test]
+    fn a_report_reads_back_from_its_json_and_names_a_missing_golden_file() {
+        let missing = "no golden file for k@6.19 (have: @6.18); every trial is judged on its own; trackcheck run --bless writes one (g)";
+        let report = RunReport::new(
+            HostProfile::probe(),
+            GoldenInfo {
+                key: "k@6.19".into(),
+                path: "g".into(),
+                found: false,
+                unmatched: 0,
+                missing: Some(missing.into()),
+            },
+            vec![
+                result(Verdict::Pass, None),
+                result(Verdict::Fail, Some("lost")),
+            ],
+            1.0,
+        );
+        assert!(report.text().contains(missing));
+        let json = serde_json::to_string(&report).expect("serialises");
+        let back: RunReport = serde_json::from_str(&json).expect("reads back");
+        assert_eq!(back.golden.missing.as_deref(), Some(missing));
+        assert_eq!(back.trials.len(), 2);
+        assert_eq!(back.trials[1].verdict, Verdict::Fail);
+        assert_eq!(back.text(), report.text());
     }
 }

@@ -15,19 +15,15 @@ fn main() {
     let args = Arguments::from_args();
     let listing = args.list;
     let host = Arc::new(HostProfile::probe());
-    let golden = match Golden::load(&golden::default_dir(), &host.key()) {
+    let golden = match Golden::load(&golden::default_dir(), &host.golden_key()) {
         Ok(g) => Arc::new(g),
         Err(e) => {
             eprintln!("bad golden file: {e}");
             std::process::exit(2);
         }
     };
-    if !listing && !golden.found {
-        eprintln!(
-            "no golden matrix for host profile {} at {}: failures count as failures",
-            host.key(),
-            golden.path.display()
-        );
+    if let Some(missing) = golden.missing_note().filter(|_| !listing) {
+        eprintln!("{missing}");
     }
     // The project's own tests keep the project's regression files: a property trial's new
     // failing case is saved in golden/proptest-regressions/ (to be reviewed and committed).

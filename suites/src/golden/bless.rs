@@ -76,13 +76,13 @@ fn identity(r: &TrialResult) -> (Option<&'static str>, Vec<LostKey>, String) {
     (r.fail_kind.map(|k| k.name()), lost, reason)
 }
 
-/// Build a golden matrix from `runs` (each a full set of results of the same trials), merged
-/// with `previous`: a failure seen before is never forgotten by blessing (a trial that failed
+/// Build the golden matrix of `key` (host profile `@` kernel series) from `runs` (each a full
+/// set of results of the same trials), merged with `previous`: a failure seen before is never forgotten by blessing (a trial that failed
 /// earlier and passed in these runs stays intermittent, and signatures only widen). Each
 /// failing trial's signature is derived from its failures ([`Signature::derive`]). To drop a
 /// known failure after a kernel fix, or to narrow a signature, delete its line and bless again.
 #[must_use]
-pub fn bless(host_key: &str, kernel: &str, runs: &[Vec<TrialResult>], previous: &Golden) -> String {
+pub fn bless(key: &str, kernel: &str, runs: &[Vec<TrialResult>], previous: &Golden) -> String {
     let mut by_name: BTreeMap<&str, Vec<&TrialResult>> = BTreeMap::new();
     for run in runs {
         for r in run {
@@ -103,10 +103,11 @@ pub fn bless(host_key: &str, kernel: &str, runs: &[Vec<TrialResult>], previous: 
     // Signatures longer than the column push their line's evidence right; the rest align.
     let token_width = 22;
     let mut body = String::new();
-    let _ = writeln!(
-        body,
-        "# trackcheck conformance matrix, host profile {host_key}"
-    );
+    let profile = match key.split_once('@') {
+        Some((profile, series)) => format!("host profile {profile}, kernel series {series}"),
+        None => format!("host profile {key}"),
+    };
+    let _ = writeln!(body, "# trackcheck conformance matrix, {profile}");
     let _ = writeln!(
         body,
         "# kernel {kernel}; {} run(s) per trial; regenerate: trackcheck run --bless --repeat {}",
@@ -135,9 +136,7 @@ pub fn bless(host_key: &str, kernel: &str, runs: &[Vec<TrialResult>], previous: 
         let line = format!("{name:<width$} {:<token_width$} {ev}", e.token());
         let _ = writeln!(body, "{}", line.trim_end());
     }
-    format!(
-        "---\nsource: {HEADER_SOURCE}\nexpression: conformance matrix of {host_key}\n---\n{body}"
-    )
+    format!("---\nsource: {HEADER_SOURCE}\nexpression: conformance matrix of {key}\n---\n{body}")
 }
 
 /// The expectation and evidence that the runs of one trial show.

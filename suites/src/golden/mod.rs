@@ -1,6 +1,8 @@
 //! The golden conformance matrix of a host profile: the expected verdict of every trial.
 //!
-//! Stored as an insta snapshot (`golden/matrix/<host-key>.snap`), one trial per line:
+//! Kept per host profile and kernel series, since a verdict belongs to both: an insta snapshot
+//! `golden/matrix/<host-key>@<series>.snap` (`x86_64-pvm-shadow@6.18.snap`, the key is
+//! `HostProfile::golden_key`), one trial per line:
 //! `name  expected  evidence`, where expected is `pass`, `skip`, `not-exercised`, `error`,
 //! `fail:<signature>` (fails every run, within the signature) or `intermittent:<signature>`
 //! (fails some runs — a finding too, since trials are never retried). The signature
@@ -91,7 +93,7 @@ impl Expected {
 /// A golden matrix.
 #[derive(Clone, Debug, Default)]
 pub struct Golden {
-    /// Host profile key.
+    /// Golden key: host profile `@` kernel series (`x86_64-pvm-shadow@6.18`).
     pub host_key: String,
     /// Where it was read from (or will be written to).
     pub path: PathBuf,
@@ -99,6 +101,10 @@ pub struct Golden {
     pub entries: BTreeMap<String, (Expected, String)>,
     /// Whether a file existed.
     pub found: bool,
+    /// The other golden files of the same host profile in the directory, by key
+    /// (`x86_64-pvm-shadow@6.12`; a file named after the profile alone, from before golden
+    /// files were kept per kernel series, is listed as the bare profile key), sorted.
+    pub others: Vec<String>,
 }
 
 /// The golden directory: `$TRACKCHECK_GOLDEN`, else the checkout this binary was built from,
@@ -123,6 +129,20 @@ const NO_LONGER_EXERCISED: &str = "path no longer exercised: ";
 /// that skipped this time (blessing counts it as a skip).
 const NO_LONGER_RUNS: &str = "no longer runs: ";
 
+/// How [`Golden::apply`] starts the evidence line of a known failure, before the golden token
+/// (`fail:<signature>`) it was judged within.
+const WITHIN_SIGNATURE: &str = "within the golden signature ";
+
+/// The golden token (`fail:<signature>` or `intermittent:<signature>`) a known failure was
+/// judged within, read back from its evidence (as a report's JSON keeps it).
+#[must_use]
+pub fn recorded_token(evidence: &[String]) -> Option<&str> {
+    evidence.iter().find_map(|e| {
+        let rest = e.strip_prefix(WITHIN_SIGNATURE)?;
+        Some(rest.rsplit_once(" of ").map_or(rest, |(token, _)| token))
+    })
+}
+
 /// The verdict a result had before [`Golden::apply`] turned a lost path into a failure.
 fn raw_verdict(r: &TrialResult) -> Verdict {
     let why = r.reason.as_deref().unwrap_or("");
@@ -134,12 +154,15 @@ fn raw_verdict(r: &TrialResult) -> Verdict {
 }
 
 impl Golden {
-    /// Read the golden file of `host_key` from `dir` (empty if there is none).
-    pub fn load(dir: &Path, host_key: &str) -> Result<Self, String> {
-        let path = dir.join(format!("{host_key}.snap"));
+    /// Read the golden file of `key` (`HostProfile::golden_key`: profile `@` kernel series)
+    /// from `dir` (empty if there is none), and note which other series of the same profile
+    /// the directory holds ([`Golden::others`]).
+    pub fn load(dir: &Path, key: &str) -> Result<Self, String> {
+        let path = dir.join(format!("{key}.snap"));
         let mut golden = Self {
-            host_key: host_key.into(),
+            host_key: key.into(),
             path: path.clone(),
+            others: other_series(dir, key),
             ..Self::default()
         };
         let text = match std::fs::read_to_string(&path) {
@@ -171,6 +194,48 @@ impl Golden {
             golden.entries.insert(name.to_string(), (expected, rest));
         }
         Ok(golden)
+    }
+
+    /// For a host with no golden file: which file was looked for, which other kernel series of
+    /// this host profile have one, and what that means. `None` when the file was found.
+    #[must_use]
+    pub fn missing_note(&self) -> Option<String> {
+        if self.found {
+            return None;
+        }
+        let profile = profile_of(&self.host_key);
+        let have: Vec<String> = self
+            .others
+            .iter()
+            .map(|k| match k.strip_prefix(profile) {
+                Some(series) if series.starts_with('@') => series.to_string(),
+                _ => format!(
+                    "{k}.snap, named without a kernel series: rename it to {k}@<series>.snap"
+                ),
+            })
+            .collect();
+        let have = if have.is_empty() {
+            "none for this host profile".to_string()
+        } else {
+            have.join(", ")
+        };
+        Some(format!(
+            "no golden file for {} (have: {have}); every trial is judged on its own; trackcheck run --bless writes one ({})",
+            self.host_key,
+            self.path.display()
+        ))
+    }
+
+    /// What a report says about this file; `unmatched` entries had no trial in the run.
+    #[must_use]
+    pub fn info(&self, unmatched: usize) -> crate::report::GoldenInfo {
+        crate::report::GoldenInfo {
+            key: self.host_key.clone(),
+            path: self.path.display().to_string(),
+            found: self.found,
+            unmatched,
+            missing: self.missing_note(),
+        }
     }
 
     /// What the file expects of `name`.
@@ -209,7 +274,7 @@ impl Golden {
                 if outside.is_empty() {
                     result.verdict = Verdict::KnownFailure;
                     result.evidence.push(format!(
-                        "within the golden signature {} of {}",
+                        "{WITHIN_SIGNATURE}{} of {}",
                         expected.token(),
                         self.path.display()
                     ));
@@ -327,6 +392,34 @@ impl Golden {
             ));
         }
     }
+}
+
+/// The host profile part of a golden key (`x86_64-pvm-shadow@6.18` -> `x86_64-pvm-shadow`).
+fn profile_of(key: &str) -> &str {
+    key.split_once('@').map_or(key, |(profile, _)| profile)
+}
+
+/// The keys of the golden files in `dir` of the same host profile as `key`, other than `key`
+/// itself: `<profile>@<series>.snap`, and `<profile>.snap` from before the series was part of
+/// the key. An unreadable directory has none.
+fn other_series(dir: &Path, key: &str) -> Vec<String> {
+    let profile = profile_of(key);
+    let Ok(files) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut keys: Vec<String> = files
+        .filter_map(|f| {
+            let name = f.ok()?.file_name().into_string().ok()?;
+            let stem = name.strip_suffix(".snap")?.to_string();
+            let same = stem == profile
+                || stem
+                    .strip_prefix(profile)
+                    .is_some_and(|s| s.starts_with('@'));
+            (same && stem != key).then_some(stem)
+        })
+        .collect();
+    keys.sort();
+    keys
 }
 
 /// `result` with the lost pages that share a 2 MiB block of their slot with a page the fault

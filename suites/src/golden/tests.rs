@@ -469,9 +469,10 @@ fn hazard_classes_are_read_from_the_lines() {
 #[test]
 fn the_projects_golden_files_load_and_bless_writes_them_back_unchanged() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../golden/matrix");
-    for key in ["x86_64-pvm-shadow", "aarch64-arm64-stage2"] {
+    for key in ["x86_64-pvm-shadow@6.18", "aarch64-arm64-stage2@6.12"] {
         let g = Golden::load(&dir, key).expect("the project's golden file loads");
         assert!(g.found, "{key}");
+        assert_eq!(g.missing_note(), None);
         assert!(
             g.entries
                 .values()
@@ -490,5 +491,72 @@ fn the_projects_golden_files_load_and_bless_writes_them_back_unchanged() {
         let (was, is) = (entries(&text), entries(&again));
         let first = was.iter().zip(&is).find(|(a, b)| a != b);
         assert!(first.is_none() && was.len() == is.len(), "{key}: {first:?}");
+        // The header up to the kernel line (which names the blessing run) is what bless writes.
+        let header = |t: &str| -> Vec<String> {
+            t.lines()
+                .take_while(|l| !l.starts_with("# kernel "))
+                .map(String::from)
+                .collect()
+        };
+        assert_eq!(header(&text), header(&again), "{key}: header");
     }
+}
+
+#[test]
+fn a_missing_golden_file_names_the_file_and_the_series_this_host_has() {
+    let dir = std::env::temp_dir().join(format!("trackcheck-series-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let empty = bless("x86_64-pvm-shadow@6.18", "6.18.44", &[], &Golden::default());
+    for name in [
+        "x86_64-pvm-shadow@6.18.snap",
+        "x86_64-pvm-shadow@6.12.snap",
+        "x86_64-pvm-shadowy@6.1.snap",
+        "aarch64-arm64-stage2@6.19.snap",
+    ] {
+        std::fs::write(dir.join(name), &empty).expect("write");
+    }
+    let g = Golden::load(&dir, "x86_64-pvm-shadow@6.19").expect("loads");
+    assert!(!g.found);
+    assert_eq!(
+        g.others,
+        ["x86_64-pvm-shadow@6.12", "x86_64-pvm-shadow@6.18"]
+    );
+    let note = g.missing_note().expect("a note");
+    assert!(
+        note.starts_with(
+            "no golden file for x86_64-pvm-shadow@6.19 (have: @6.12, @6.18); every trial is judged on its own; trackcheck run --bless writes one ("
+        ) && note.contains("x86_64-pvm-shadow@6.19.snap"),
+        "{note}"
+    );
+    let found = Golden::load(&dir, "x86_64-pvm-shadow@6.18").expect("loads");
+    assert!(found.found && found.missing_note().is_none());
+    assert_eq!(found.others, ["x86_64-pvm-shadow@6.12"]);
+    let none = Golden::load(&dir, "x86_64-svm-tdpnpt@7.2").expect("loads");
+    assert!(
+        none.missing_note()
+            .is_some_and(|n| n.contains("(have: none for this host profile)")),
+        "{:?}",
+        none.missing_note()
+    );
+    // A file from before the series was part of the key is named, with what to do.
+    std::fs::write(dir.join("x86_64-svm-tdpnpt.snap"), &empty).expect("write");
+    let legacy = Golden::load(&dir, "x86_64-svm-tdpnpt@7.2").expect("loads");
+    assert!(
+        legacy.missing_note().is_some_and(|n| n.contains(
+            "x86_64-svm-tdpnpt.snap, named without a kernel series: rename it to x86_64-svm-tdpnpt@<series>.snap"
+        )),
+        "{:?}",
+        legacy.missing_note()
+    );
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}
+
+#[test]
+fn a_known_failures_token_is_read_back_from_its_evidence() {
+    let evidence = vec![
+        "mode: native".to_string(),
+        format!("{WITHIN_SIGNATURE}fail:lost(block-reported) of golden/matrix/k@6.18.snap"),
+    ];
+    assert_eq!(recorded_token(&evidence), Some("fail:lost(block-reported)"));
+    assert_eq!(recorded_token(&evidence[..1]), None);
 }
