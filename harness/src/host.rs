@@ -14,6 +14,10 @@ use serde::{Deserialize, Serialize};
 use crate::arch;
 use crate::sys::{self, KvmUnavailable};
 
+mod fep;
+
+pub use fep::{FORCE_EMULATION_PREFIX, ForceEmulationPrefix};
+
 /// Everything the suite needs to know about the host under test.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct HostProfile {

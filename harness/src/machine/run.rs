@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use trackcheck_guests::Program;
 use trackcheck_guests::compiled::Compiled;
 use trackcheck_guests::layout::{PAGE_SIZE, SYSTEM_GPA, control};
-use trackcheck_guests::native::compile_with;
+use trackcheck_guests::native::compile_for;
 
 use crate::arch::{self, Entry};
 use crate::memory::GuestMemory;
@@ -169,7 +169,8 @@ impl Machine {
         let mut at = self.layout.code;
         let end = self.layout.code + self.layout.code_capacity;
         for vcpu in 0..program.vcpu_count() {
-            let c = compile_with(program, vcpu, at, self.leaf.as_ref().map(|(l, _)| *l))?;
+            let leaf = self.leaf.as_ref().map(|(l, _)| *l);
+            let c = compile_for(program, vcpu, at, leaf, self.plan.store_form())?;
             let next = (at + c.bytes.len() as u64).div_ceil(PAGE_SIZE) * PAGE_SIZE;
             if next > end {
                 return Err(MachineError::Program(format!(
@@ -303,6 +304,13 @@ impl Machine {
                 Err(mut failure) => {
                     self.states[i] = VcpuState::Failed;
                     failure.context = self.context_at(i, failure.pc);
+                    if let Some(hint) = self.plan.failure_hint(&failure.kind) {
+                        failure.context = [std::mem::take(&mut failure.context), hint]
+                            .into_iter()
+                            .filter(|s| !s.is_empty())
+                            .collect::<Vec<_>>()
+                            .join("; ");
+                    }
                     failures.push(failure);
                 }
             }
