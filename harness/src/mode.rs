@@ -91,32 +91,32 @@ impl ModePlan {
             StoreForm::Plain
         }
     }
+}
 
-    /// What a run failure of `kind` most likely means under this plan, when the plan makes a
-    /// failure of that kind expected (a guest with the forced-emulation prefix that KVM did not
-    /// honour); `None` otherwise.
-    #[must_use]
-    pub fn failure_hint(&self, kind: &FailureKind) -> Option<String> {
-        if !self.forced_emulation {
-            return None;
-        }
-        let now = ForceEmulationPrefix::probe();
-        match kind {
-            FailureKind::Shutdown => Some(format!(
-                "the guest's stores carry KVM's forced-emulation prefix (ud2; \"kvm\"); a \
-                 shutdown means a #UD reached the guest (it has no IDT): KVM did not honour the \
-                 prefix ({FORCE_EMULATION_PREFIX} is {} now), or its emulator could not decode \
-                 the store after it and injected #UD; on SVM the pc above is the reset vector, \
-                 not where the guest stopped",
-                describe(&now)
-            )),
-            FailureKind::InternalError { suberror: 1 } => Some(
-                "suberror 1 is KVM_INTERNAL_ERROR_EMULATION: KVM's emulator failed on a store \
+/// What a run failure of `kind` most likely means for a guest whose stores were emitted as
+/// `stores`, when that form explains a failure of that kind (a forced-emulation prefix KVM did
+/// not honour); `None` otherwise.
+#[must_use]
+pub fn failure_hint(stores: StoreForm, kind: &FailureKind) -> Option<String> {
+    if stores != StoreForm::ForcedEmulation {
+        return None;
+    }
+    let now = ForceEmulationPrefix::probe();
+    match kind {
+        FailureKind::Shutdown => Some(format!(
+            "the guest's stores carry KVM's forced-emulation prefix (ud2; \"kvm\"): unless \
+                 the program faults on purpose, this shutdown is a #UD that reached the guest \
+                 (it has no IDT) because KVM did not honour the prefix ({FORCE_EMULATION_PREFIX} \
+                 is {} now) or its emulator could not decode the store after it; on SVM the pc \
+                 above is the reset vector, not where the guest stopped",
+            describe(&now)
+        )),
+        FailureKind::InternalError { suberror: 1 } => Some(
+            "suberror 1 is KVM_INTERNAL_ERROR_EMULATION: KVM's emulator failed on a store \
                  the forced-emulation prefix sent it (see dmesg)"
-                    .into(),
-            ),
-            _ => None,
-        }
+                .into(),
+        ),
+        _ => None,
     }
 }
 
@@ -411,17 +411,19 @@ mod tests {
 
     #[test]
     fn a_shutdown_under_the_prefix_says_why() {
-        let fep = plan_with(ExecutionMode::Emulated, BackendKind::Svm, &on()).expect("on");
-        let hint = fep.failure_hint(&FailureKind::Shutdown).expect("a hint");
+        let fep = plan_with(ExecutionMode::Emulated, BackendKind::Svm, &on())
+            .expect("on")
+            .store_form();
+        let hint = failure_hint(fep, &FailureKind::Shutdown).expect("a hint");
         assert!(hint.contains("did not honour the prefix"), "{hint}");
         assert!(hint.contains(FORCE_EMULATION_PREFIX), "{hint}");
         assert!(
-            fep.failure_hint(&FailureKind::InternalError { suberror: 1 })
+            failure_hint(fep, &FailureKind::InternalError { suberror: 1 })
                 .is_some_and(|h| h.contains("emulator"))
         );
-        assert_eq!(fep.failure_hint(&FailureKind::Unexpected), None);
+        assert_eq!(failure_hint(fep, &FailureKind::Unexpected), None);
         let pvm = plan_with(ExecutionMode::Emulated, BackendKind::Pvm, &on()).expect("pvm");
-        assert_eq!(pvm.failure_hint(&FailureKind::Shutdown), None);
+        assert_eq!(failure_hint(pvm.store_form(), &FailureKind::Shutdown), None);
     }
 
     #[test]
