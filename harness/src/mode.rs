@@ -28,7 +28,8 @@ use crate::vcpu::FailureKind;
 pub enum ExecutionMode {
     /// Stores run on the CPU.
     Native,
-    /// Every instruction runs in KVM's instruction emulator.
+    /// The guest's writes run in KVM's instruction emulator: on PVM every instruction of a
+    /// CPL0 guest; on VMX/SVM each store to tracked memory, through the forced-emulation prefix.
     Emulated,
 }
 
@@ -243,8 +244,9 @@ impl ModeEvidence {
     /// stamped write takes four instructions, so a guest run whole by the emulator scores about
     /// 4x or more; with the forced-emulation prefix only the stamp store of each write is
     /// emulated, which scores one per write plus the doorbells and page-table stores: the bar
-    /// still holds, and a prefixed store cannot run on the CPU instead, its `ud2` would fault);
-    /// native when it ran fewer than one per 16 writes (only doorbells and a few
+    /// still holds. The count cannot tell an emulated store from an emulated doorbell; that
+    /// every stamped store carries the prefix is the compiler's tested promise, and a prefixed
+    /// store cannot run on the CPU instead: its `ud2` would fault); native when it ran fewer than one per 16 writes (only doorbells and a few
     /// faults are emulated); inconclusive in between or with fewer than
     /// [`MIN_WRITES_FOR_EVIDENCE`] writes.
     #[must_use]
