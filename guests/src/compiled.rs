@@ -14,6 +14,24 @@ pub enum Isa {
     Aarch64,
 }
 
+/// How a compiler emits the guest's stores to tracked memory (the stamped store of every write,
+/// and the page-table stores of page-table ops). Nothing else changes between the forms.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum StoreForm {
+    /// Plain stores: they run wherever the rest of the code runs.
+    #[default]
+    Plain,
+    /// x86 only: each such store is preceded by KVM's forced-emulation prefix
+    /// ([`FEP`]: `ud2; .ascii "kvm"`). Where kvm.ko's `force_emulation_prefix` parameter is set,
+    /// KVM intercepts the `#UD`, skips the five bytes and runs the next instruction in its
+    /// emulator; where it is not, the guest takes the `#UD` (it has no IDT: a triple fault).
+    ForcedEmulation,
+}
+
+/// KVM's forced-emulation prefix (`__KVM_EMULATE_PREFIX`: `ud2` then the bytes of "kvm"), as
+/// the KVM selftests spell it: `KVM_FEP "ud2; .byte 'k', 'v', 'm';"`.
+pub const FEP: [u8; 5] = [0x0f, 0x0b, b'k', b'v', b'm'];
+
 /// One decoded instruction.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Line {
@@ -128,6 +146,14 @@ pub enum CompileError {
     /// The assembler rejected an instruction (a compiler bug).
     #[error("assembler: {0}")]
     Assembler(String),
+    /// The instruction set has no such store form.
+    #[error("{form:?} stores cannot be emitted for {isa:?}")]
+    StoreForm {
+        /// The instruction set.
+        isa: Isa,
+        /// The form asked for.
+        form: StoreForm,
+    },
     /// A page-table op, but the machine keeps the guest's page tables out of its reach, or
     /// maps the data region with pages the op cannot handle.
     #[error("op {op} ({what}): {why}")]

@@ -14,7 +14,10 @@ use serde::{Deserialize, Serialize};
 use crate::arch;
 use crate::sys::{self, KvmUnavailable};
 
+mod fep;
 mod series;
+
+pub use fep::{FORCE_EMULATION_PREFIX, ForceEmulationPrefix};
 pub use series::kernel_series;
 
 /// Everything the suite needs to know about the host under test.

@@ -23,6 +23,8 @@ use trackcheck_harness::{
     Mechanism, Stop, Vm,
 };
 
+#[path = "kvm/fep.rs"]
+mod fep;
 #[path = "kvm/memory.rs"]
 mod memory;
 #[path = "kvm/process.rs"]
@@ -533,6 +535,15 @@ fn kvm_trials(host: &HostProfile) -> Vec<Trial> {
         "vm::memslot_operations".into(),
         kvm_skip.clone(),
         Box::new(memslot_operations),
+    );
+    let fep_skip = native.clone().or_else(|| {
+        (!cfg!(target_arch = "x86_64"))
+            .then(|| "KVM's forced-emulation prefix exists on x86 only".to_string())
+    });
+    add(
+        "machine::forced_emulation_prefix".into(),
+        fep_skip,
+        Box::new(fep::prefixed_stores),
     );
     add(
         "machine::no_fd_leak".into(),

@@ -21,7 +21,7 @@
 
 pub mod enc;
 
-use crate::compiled::{CompileError, Compiled, Isa, Line};
+use crate::compiled::{CompileError, Compiled, Isa, Line, StoreForm};
 use crate::layout::{DATA_GPA, DOORBELL_GPA, LeafEntries, PAGE_SIZE, control, control_page};
 use crate::program::{Access, Misbehaviour, Op, PageSeq, Program, Repeat};
 use crate::sim::stamp;
@@ -34,6 +34,24 @@ const PSCI_SYSTEM_OFF: u64 = 0x8400_0008;
 /// Compile `vcpu`'s thread of `program`, linked at guest address `base`.
 pub fn compile(program: &Program, vcpu: usize, base: u64) -> Result<Compiled, CompileError> {
     compile_with(program, vcpu, base, None)
+}
+
+/// [`compile_with`] with a store form: arm64 has only [`StoreForm::Plain`] (KVM's
+/// forced-emulation prefix is x86's); any other form is refused.
+pub fn compile_for(
+    program: &Program,
+    vcpu: usize,
+    base: u64,
+    leaf: Option<LeafEntries>,
+    stores: StoreForm,
+) -> Result<Compiled, CompileError> {
+    match stores {
+        StoreForm::Plain => compile_with(program, vcpu, base, leaf),
+        form => Err(CompileError::StoreForm {
+            isa: Isa::Aarch64,
+            form,
+        }),
+    }
 }
 
 /// [`compile`]; page-table ops are not written for arm64 yet, so `leaf` only changes the error

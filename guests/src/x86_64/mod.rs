@@ -17,12 +17,21 @@
 //! A stamped write is `inc r15; lea rax, [r11 + r15]; mov [page + offset], rax;
 //! mov [r14 + PROGRESS], r15`. x86 stores become visible in program order (TSO), so the progress
 //! store is a release of the stamp store, on the CPU and in KVM's emulator alike.
+//!
+//! With [`StoreForm::ForcedEmulation`] every store to tracked memory (the stamp store, and the
+//! page-table stores of `ClearAd` and `Remap`) is preceded by KVM's forced-emulation prefix
+//! [`FEP`], so that on a host whose kvm.ko has `force_emulation_prefix` set KVM's emulator makes
+//! exactly those stores while the rest of the code runs on the CPU. The emulator handles each
+//! form used: `mov r/m64, r64` (0x89) and `and r/m64, r64` (0x21), with SIB and disp32
+//! addressing, as the KVM selftests' `vcpu_arch_put_guest` does for its forced `mov`. Stores
+//! to the control page and the doorbell are never prefixed. Labels are set before the prefix,
+//! so a branch to a prefixed store lands on its prefix.
 
 mod disasm;
 
-pub use disasm::{decode_one, disassemble};
+pub use disasm::{FEP_TEXT, decode_one, disassemble};
 
-pub use crate::compiled::{CompileError, Compiled, Isa, Line};
+pub use crate::compiled::{CompileError, Compiled, FEP, Isa, Line, StoreForm};
 
 use iced_x86::BlockEncoderOptions;
 use iced_x86::code_asm::{
@@ -57,8 +66,19 @@ pub fn compile_with(
     base: u64,
     leaf: Option<LeafEntries>,
 ) -> Result<Compiled, CompileError> {
+    compile_for(program, vcpu, base, leaf, StoreForm::Plain)
+}
+
+/// [`compile_with`], emitting the stores to tracked memory in form `stores`.
+pub fn compile_for(
+    program: &Program,
+    vcpu: usize,
+    base: u64,
+    leaf: Option<LeafEntries>,
+    stores: StoreForm,
+) -> Result<Compiled, CompileError> {
     let ops = crate::compiled::thread_ops(program, vcpu)?;
-    let mut cg = Gen::new(vcpu, program.seq_base, leaf)?;
+    let mut cg = Gen::new(vcpu, program.seq_base, leaf, stores)?;
     let mut op_labels: Vec<CodeLabel> = ops.iter().map(|_| cg.a.create_label()).collect();
     cg.prologue()?;
     for (i, op) in ops.iter().enumerate() {
@@ -101,6 +121,8 @@ struct Gen {
     leaf: Option<LeafEntries>,
     /// Index of the op being compiled (for errors).
     op_index: usize,
+    /// How stores to tracked memory are emitted.
+    stores: StoreForm,
 }
 
 /// The accessed and dirty bits of an x86 page-table entry.
@@ -109,7 +131,12 @@ const PTE_AD: u64 = (1 << 5) | (1 << 6);
 const PTE_ADDR: u64 = 0x000f_ffff_ffff_f000;
 
 impl Gen {
-    fn new(vcpu: usize, seq_base: u64, leaf: Option<LeafEntries>) -> Result<Self, CompileError> {
+    fn new(
+        vcpu: usize,
+        seq_base: u64,
+        leaf: Option<LeafEntries>,
+        stores: StoreForm,
+    ) -> Result<Self, CompileError> {
         Ok(Self {
             a: CodeAssembler::new(64)?,
             vcpu,
@@ -117,7 +144,21 @@ impl Gen {
             tables: Vec::new(),
             leaf,
             op_index: 0,
+            stores,
         })
+    }
+
+    /// Put what goes before a store to tracked memory: nothing, or KVM's forced-emulation
+    /// prefix.
+    fn tracked_store(&mut self) -> Result<(), CompileError> {
+        match self.stores {
+            StoreForm::Plain => {}
+            StoreForm::ForcedEmulation => {
+                self.a.ud2()?;
+                self.a.db(&FEP[2..])?;
+            }
+        }
+        Ok(())
     }
 
     /// rax = address of the leaf entry mapping data page `page`.
@@ -165,11 +206,12 @@ impl Gen {
 
     /// The stamped write: bump seq, store the stamp at `target`, publish seq.
     fn stamped_write(&mut self, target: AsmMemoryOperand) -> Result<(), CompileError> {
-        let a = &mut self.a;
-        a.inc(r15)?;
-        a.lea(rax, qword_ptr(r11 + r15))?;
-        a.mov(target, rax)?;
-        a.mov(qword_ptr(r14 + i32_of(control::PROGRESS)), r15)?;
+        self.a.inc(r15)?;
+        self.a.lea(rax, qword_ptr(r11 + r15))?;
+        self.tracked_store()?;
+        self.a.mov(target, rax)?;
+        self.a
+            .mov(qword_ptr(r14 + i32_of(control::PROGRESS)), r15)?;
         Ok(())
     }
 
@@ -219,6 +261,7 @@ impl Gen {
             Op::ClearAd { page } => {
                 self.leaf_entry(op, *page, false)?;
                 self.a.mov(rcx, !PTE_AD)?;
+                self.tracked_store()?;
                 self.a.and(qword_ptr(rax), rcx)?;
                 Ok(())
             }
@@ -231,7 +274,8 @@ impl Gen {
                 a.and(rdx, rcx)?;
                 a.mov(rcx, DATA_GPA + to * PAGE_SIZE)?;
                 a.or(rdx, rcx)?;
-                a.mov(qword_ptr(rax), rdx)?;
+                self.tracked_store()?;
+                self.a.mov(qword_ptr(rax), rdx)?;
                 Ok(())
             }
         }
@@ -385,5 +429,7 @@ fn i32_of(offset: u64) -> i32 {
     i32::try_from(offset).unwrap_or(i32::MAX)
 }
 
+#[cfg(test)]
+mod fep_tests;
 #[cfg(test)]
 mod tests;

@@ -1,6 +1,7 @@
 //! What a machine is built from: [`MachineConfig`], with the defaults most trials start from.
 
 use trackcheck_guests::GuestPageSize;
+use trackcheck_guests::compiled::StoreForm;
 
 use crate::memory::Backing;
 use crate::mode::ExecutionMode;
@@ -43,6 +44,11 @@ pub struct MachineConfig {
     /// entries' accessed and dirty bits starting clear, so KVM sets them. Programs then get the
     /// data pages before the tables (see [`Machine::program_pages`](super::Machine::program_pages)).
     pub tables_in_data: bool,
+    /// Emit the guest's stores to tracked memory in this form instead of the one the mode plan
+    /// picks ([`ModePlan::store_form`](crate::mode::ModePlan::store_form)). For self-tests
+    /// only: a guest with KVM's forced-emulation prefix on a host that does not honour it must
+    /// fail loudly and say why. `None`: as the plan says.
+    pub stores: Option<StoreForm>,
 }
 
 impl Default for MachineConfig {
@@ -61,6 +67,7 @@ impl Default for MachineConfig {
             eager_split_chunk: None,
             data_slot_pages: Vec::new(),
             tables_in_data: false,
+            stores: None,
         }
     }
 }

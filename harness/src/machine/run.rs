@@ -6,12 +6,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use trackcheck_guests::Program;
-use trackcheck_guests::compiled::Compiled;
+use trackcheck_guests::compiled::{Compiled, StoreForm};
 use trackcheck_guests::layout::{PAGE_SIZE, SYSTEM_GPA, control};
-use trackcheck_guests::native::compile_with;
+use trackcheck_guests::native::compile_for;
 
 use crate::arch::{self, Entry};
 use crate::memory::GuestMemory;
+use crate::mode;
 use crate::sys::dirty::DirtyRing;
 use crate::track::{TrackCtx, TrackSource};
 use crate::vcpu::{GroupMonitor, Stop, Vcpu, run_group};
@@ -147,6 +148,14 @@ impl Machine {
         self.control(vcpu, control::PROGRESS)
     }
 
+    /// How the guest's stores to tracked memory are emitted: as
+    /// [`MachineConfig::stores`](super::MachineConfig::stores) says, else as the mode plan
+    /// needs.
+    #[must_use]
+    pub fn store_form(&self) -> StoreForm {
+        self.config.stores.unwrap_or_else(|| self.plan.store_form())
+    }
+
     /// Compile `program` for this machine, write its code, and restart every vCPU at its entry.
     /// Data memory is left as it is (see [`Machine::reset`]).
     pub fn load(&mut self, program: &Program) -> Result<(), MachineError> {
@@ -169,7 +178,8 @@ impl Machine {
         let mut at = self.layout.code;
         let end = self.layout.code + self.layout.code_capacity;
         for vcpu in 0..program.vcpu_count() {
-            let c = compile_with(program, vcpu, at, self.leaf.as_ref().map(|(l, _)| *l))?;
+            let leaf = self.leaf.as_ref().map(|(l, _)| *l);
+            let c = compile_for(program, vcpu, at, leaf, self.store_form())?;
             let next = (at + c.bytes.len() as u64).div_ceil(PAGE_SIZE) * PAGE_SIZE;
             if next > end {
                 return Err(MachineError::Program(format!(
@@ -303,6 +313,13 @@ impl Machine {
                 Err(mut failure) => {
                     self.states[i] = VcpuState::Failed;
                     failure.context = self.context_at(i, failure.pc);
+                    if let Some(hint) = mode::failure_hint(self.store_form(), &failure.kind) {
+                        failure.context = [std::mem::take(&mut failure.context), hint]
+                            .into_iter()
+                            .filter(|s| !s.is_empty())
+                            .collect::<Vec<_>>()
+                            .join("; ");
+                    }
                     failures.push(failure);
                 }
             }
