@@ -40,7 +40,7 @@ use crate::trial::{FailKind, Verdict};
 /// The file a run directory holds its JSON report in.
 const REPORT_FILE: &str = "report.json";
 
-/// Where a lane directory keeps the matrix run's report (`ci/arm64-lane.sh`'s layout).
+/// Where a lane directory keeps the matrix run's report (`trackcheck vm`'s layout).
 const LANE_MATRIX_DIR: &str = "matrix";
 
 /// Options of `trackcheck compare`.

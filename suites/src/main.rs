@@ -490,7 +490,7 @@ fn run(
                 .progress_chars("=> "),
         );
         bar.set_prefix(format!("run {}/{repeat}", round + 1));
-        let progress = |_done: usize, _total: usize, r: &TrialResult| {
+        let progress = |done: usize, total: usize, r: &TrialResult| {
             if r.verdict.is_unexpected() || r.verdict == Verdict::KnownFailure {
                 let line = format!(
                     "{} {} — {}",
@@ -505,6 +505,13 @@ fn run(
                 }
             }
             bar.inc(1);
+            // Without a terminal (a lane's console, CI logs) a line every 100 trials.
+            if bar.is_hidden() && (done % 100 == 0 || done == total) {
+                eprintln!(
+                    "trackcheck: {done}/{total} trials, {:.0} s",
+                    start.elapsed().as_secs_f64()
+                );
+            }
         };
         runs.push(runner::run_all(
             specs, seed, &host, &golden, jobs, &progress,

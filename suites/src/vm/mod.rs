@@ -163,7 +163,7 @@ impl Arch {
         match self {
             Self::X86_64 => "build trackcheck for x86_64 and pass it with --binary",
             Self::Aarch64 => {
-                "cross-build it (ci/arm64-lane.sh shows how: cargo build --release --target aarch64-unknown-linux-gnu, static) and pass it with --binary"
+                "cross-build it (ci/lane.sh aarch64 ... does it: cargo build --release --target aarch64-unknown-linux-gnu, static) and pass it with --binary"
             }
         }
     }
