@@ -129,8 +129,9 @@ fn prefill(
 fn no_huge_reason(spec: &TrialSpec, m: &Machine) -> Option<String> {
     if spec.mode == ExecutionMode::Emulated {
         return Some(
-            "the guest ran in KVM's instruction emulator, which writes guest memory without \
-             mapping it: there are no 2 MiB mappings to split"
+            "the guest's writes ran in KVM's instruction emulator (the whole guest on PVM, each \
+             store behind the forced-emulation prefix on SVM/VMX), which writes guest memory \
+             without mapping it: there are no 2 MiB mappings to split"
                 .into(),
         );
     }

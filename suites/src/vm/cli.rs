@@ -109,7 +109,7 @@ pub fn main(args: VmArgs, golden_default: PathBuf) -> ExitCode {
         boot_timeout_s: args.boot_timeout,
         commands,
     };
-    if config.hugepages_1g * 1024 + 1024 > config.mem_mib {
+    if config.hugepages_1g * 1024 + 512 > config.mem_mib {
         return fail(&VmError::Usage(format!(
             "--mem {} MiB cannot hold {} reserved 1 GiB pages and a kernel: give more --mem or fewer --hugepages-1g",
             config.mem_mib, config.hugepages_1g

@@ -244,6 +244,15 @@ pub fn default_cache() -> PathBuf {
 pub fn run(config: &VmConfig, progress: &dyn Fn(&str)) -> Result<Outcome, VmError> {
     let mut times = qemu::Times::default();
     let qemu = qemu::Qemu::find(config.arch)?;
+    // QEMU's guest RAM is this host's memory: refuse what it cannot give before booting.
+    if let Some(avail) = mem_available_mib()
+        && u64::from(config.mem_mib) > avail
+    {
+        return Err(VmError::Usage(format!(
+            "--mem {} MiB is more than this host has available ({avail} MiB, MemAvailable): give less --mem (or fewer --hugepages-1g)",
+            config.mem_mib
+        )));
+    }
     let binary = match &config.binary {
         Some(b) => b.clone(),
         None if config.arch == Arch::host() => {
@@ -292,4 +301,12 @@ pub fn run(config: &VmConfig, progress: &dyn Fn(&str)) -> Result<Outcome, VmErro
     let outcome = qemu.boot(config, &kernel, &initrd, &mut times, progress);
     let _ = std::fs::remove_file(&initrd);
     outcome
+}
+
+/// `MemAvailable` of this host, MiB.
+fn mem_available_mib() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
 }
