@@ -506,7 +506,7 @@ fn run(
             }
             bar.inc(1);
             // Without a terminal (a lane's console, CI logs) a line every 100 trials.
-            if bar.is_hidden() && (done % 100 == 0 || done == total) {
+            if bar.is_hidden() && (done.is_multiple_of(100) || done == total) {
                 eprintln!(
                     "trackcheck: {done}/{total} trials, {:.0} s",
                     start.elapsed().as_secs_f64()
