@@ -134,7 +134,7 @@ impl Machine {
                 })?;
                 rings.push(ring);
             }
-            vcpus.push(Vcpu::new(id, fd));
+            vcpus.push(Vcpu::new(id, fd, backend));
         }
         let ring_full = vcpus.iter().map(Vcpu::ring_full_counter).collect();
         let states = vec![VcpuState::Idle; config.vcpus];

@@ -302,7 +302,10 @@ impl Machine {
                 }
                 Err(mut failure) => {
                     self.states[i] = VcpuState::Failed;
-                    failure.context = self.context_at(i, failure.pc);
+                    // After a reset the PC names no place in the program (see RunFailure).
+                    if !failure.pc_is_reset_state() {
+                        failure.context = self.context_at(i, failure.pc);
+                    }
                     failures.push(failure);
                 }
             }
