@@ -30,7 +30,7 @@ use trackcheck_harness::HostProfile;
 use trackcheck_harness::machine::{Machine, MachineConfig, MachineError};
 use trackcheck_harness::oracle::OracleReport;
 use trackcheck_harness::track::inject::{Fault, Injected, applicability};
-use trackcheck_harness::track::{PageSet, RearmKind, TrackError, Tracker};
+use trackcheck_harness::track::{PageSet, RearmKind, TrackError, Tracker, dirty_ring};
 use trackcheck_harness::vcpu::RunLimits;
 use trackcheck_harness::{ModeEvidence, ObservedMode, support};
 
@@ -283,6 +283,10 @@ pub fn precheck(spec: &TrialSpec, host: &HostProfile) -> Result<(), String> {
                 "a {bytes}-byte dirty ring exceeds this host's maximum of {max} bytes"
             ));
         }
+        // The size KVM refuses (EINVAL) given the CPU's dirty log (PML) and the page size.
+        let cpu_log = dirty_ring::cpu_dirty_log_entries(&kvm.backend);
+        dirty_ring::ring_size_rule(bytes, cpu_log, dirty_ring::host_page_bytes())
+            .map_err(|why| format!("a {bytes}-byte dirty ring: {why}"))?;
     }
     Ok(())
 }
