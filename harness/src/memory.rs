@@ -12,7 +12,8 @@
 //! host hugepages never leak and host settings are left as they were.
 //!
 //! Size: every other backing is checked against `MemAvailable` and this process's memory cgroup
-//! before it is mapped (see `budget`), so an oversized request is a clear error, not an OOM kill.
+//! before [`GuestMemory::populate`] touches it (see `budget`), so an oversized request is a clear
+//! error, not an OOM kill.
 //!
 //! Concurrency: the guest writes this memory while the host reads it, so the host never forms
 //! Rust references into it; every access is a volatile or atomic access through a raw pointer.
@@ -229,10 +230,7 @@ impl GuestMemory {
                 let (r, m) = HugetlbReservation::acquire_for(kib, mapped / (kib * KIB), map)?;
                 (Some(r), m)
             }
-            None => {
-                ensure_fits(&format!("{backing} guest memory"), mapped)?;
-                (None, map()?)
-            }
+            None => (None, map()?),
         };
         let sys = |call: &'static str| {
             move |source: io::Error| MemoryError::Sys {
@@ -273,7 +271,16 @@ impl GuestMemory {
 
     /// Fault in every page for writing (`MADV_POPULATE_WRITE`, touching each page where the
     /// kernel lacks it), so first-touch cost never lands in a timed phase or a guest run.
+    ///
+    /// First, memory that the host or this process's memory cgroup cannot give is refused
+    /// ([`MemoryError::TooLarge`], see `budget`) before a page is touched. The check is here
+    /// rather than in [`GuestMemory::new`] because a mapping that is never populated is sparse
+    /// by intent (a clear-geometry slot maps 1 GiB and the guest touches a few pages of it);
+    /// hugetlb memory was already reserved from its pool when it was mapped.
     pub fn populate(&self) -> Result<(), MemoryError> {
+        if self.backing.hugetlb_kib().is_none() {
+            ensure_fits(&format!("{} guest memory", self.backing), self.mapped)?;
+        }
         if self.advise(libc::MADV_POPULATE_WRITE).is_ok() {
             return Ok(());
         }

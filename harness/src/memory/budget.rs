@@ -3,7 +3,8 @@
 //! Guest memory is mapped with `MAP_NORESERVE` and faulted in later (populate, or the guest's
 //! first writes), so an oversized request is not refused by mmap: the process is OOM-killed
 //! halfway (exit 137, no message), or the whole host swaps. So every non-hugetlb
-//! [`super::GuestMemory`] is checked when it is created: the request plus a margin
+//! [`super::GuestMemory`] is checked when it is populated, before a page is touched (a mapping
+//! never populated is sparse by intent and is not checked): the request plus a margin
 //! ([`margin`]: page tables, the harness's own buffers, the kernel's per-page costs) must fit
 //! both in `MemAvailable` (/proc/meminfo: the host's, or the lane VM's RAM) and in the room
 //! left by every memory cgroup this process is in, up to the hierarchy's root (cgroup v2
