@@ -25,6 +25,8 @@ use trackcheck_harness::{
     Mechanism, Stop, Vm,
 };
 
+#[path = "kvm/budget.rs"]
+mod budget;
 #[path = "kvm/memory.rs"]
 mod memory;
 #[path = "kvm/process.rs"]
@@ -409,6 +411,12 @@ fn child_main(role: &str) -> Result<(), Box<dyn std::error::Error>> {
             std::thread::sleep(Duration::from_secs(120));
             Ok(())
         }
+        "populate-2g" => {
+            let mem = GuestMemory::new(Backing::Anon, 2 << 30)?;
+            mem.populate()?;
+            println!("populated 2 GiB");
+            Ok(())
+        }
         "fd-leak" => {
             let count = || {
                 std::fs::read_dir("/proc/self/fd")
@@ -562,6 +570,11 @@ fn kvm_trials(host: &HostProfile) -> Vec<Trial> {
         "hugetlb::killed_process_returns_pages".into(),
         hugetlb_skip.clone(),
         Box::new(killed_process_returns_hugepages),
+    );
+    add(
+        "memory::populate_over_the_cgroup_limit_is_refused".into(),
+        budget::cgroup_skip(),
+        Box::new(budget::populate_over_the_cgroup_limit_is_refused),
     );
     add(
         "hugetlb::free_pages_are_used_first".into(),
