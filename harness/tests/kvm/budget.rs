@@ -25,10 +25,7 @@ impl Drop for TestCgroup {
 
 /// Why no memory cgroup can be made here, if none can (checked when trials are listed).
 pub(super) fn cgroup_skip() -> Option<String> {
-    match memory_mount() {
-        Ok(_) => None,
-        Err(why) => Some(why),
-    }
+    memory_mount().err()
 }
 
 /// The directory to make a memory cgroup in, and the limit file's name.
