@@ -349,3 +349,43 @@ fn check_mode(evidence: &ModeEvidence) -> Result<(), TrialError> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod precheck_tests {
+    use trackcheck_harness::track::TrackerSpec;
+    use trackcheck_harness::{Backing, HostProfile};
+
+    use super::precheck;
+    use crate::spec::TrialSpec;
+
+    /// With PML on, a 4 KiB ring is a skip naming the rule; 16 KiB passes the ring check.
+    #[test]
+    fn a_ring_smaller_than_the_pml_reserve_is_a_skip_with_the_rule() {
+        let mut host = HostProfile::probe();
+        let Some(kvm) = host.kvm.as_mut() else {
+            eprintln!("skip: KVM unavailable, precheck stops before the ring");
+            return;
+        };
+        kvm.backend.pml = Some(true);
+        kvm.caps.insert("DIRTY_LOG_RING".into(), 1 << 20);
+        let ring = |bytes| TrialSpec {
+            tracker: TrackerSpec::DirtyRing {
+                bytes,
+                with_bitmap: false,
+            },
+            ..TrialSpec::example(Backing::Anon)
+        };
+        let why = precheck(&ring(4096), &host).expect_err("4 KiB ring refused with PML");
+        assert!(why.contains("a 4096-byte dirty ring"), "{why}");
+        assert!(why.contains("do not exceed the 576 KVM reserves"), "{why}");
+        // Other facts of this host may still refuse it, but not the ring size.
+        let bigger = precheck(&ring(16384), &host);
+        assert!(
+            bigger
+                .as_ref()
+                .err()
+                .is_none_or(|w| !w.contains("reserves")),
+            "{bigger:?}"
+        );
+    }
+}
