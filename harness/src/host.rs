@@ -95,7 +95,8 @@ pub struct Backend {
     pub mmu: String,
     /// `kvm.tdp_mmu`.
     pub tdp_mmu: Option<bool>,
-    /// `kvm_intel.pml` (hardware dirty logging).
+    /// `kvm_intel.pml`, or `kvm_amd.pml` on kernels with AMD PML (hardware dirty logging; the
+    /// effective value: KVM clears it where the CPU cannot do PML).
     pub pml: Option<bool>,
     /// `kvm.eager_page_split`.
     pub eager_page_split: Option<bool>,
@@ -401,7 +402,9 @@ pub fn probe_backend() -> Backend {
         detected_by,
         mmu,
         tdp_mmu: yes(kvm.and_then(|p| p.get("tdp_mmu"))),
-        pml: yes(module_params.get("kvm_intel").and_then(|p| p.get("pml"))),
+        pml: yes(["kvm_intel", "kvm_amd"]
+            .iter()
+            .find_map(|m| module_params.get(*m).and_then(|p| p.get("pml")))),
         eager_page_split: yes(kvm.and_then(|p| p.get("eager_page_split"))),
         module_params,
     }

@@ -5,23 +5,34 @@
 //! shmem pages), which is what decides whether KVM can install huge mappings that dirty logging
 //! must later split.
 //!
-//! Host settings: hugetlb backings need free hugepages. A [`HugetlbReservation`] raises
-//! `nr_hugepages` by exactly what the mapping needs and lowers it by the same amount when the
-//! memory is dropped. Each reservation is written to a ledger file named after the process, so a
-//! process that was killed before it could give its pages back is found by the next one (its pid
-//! is gone) and its pages are returned then: host hugepages never leak.
+//! Host settings: hugetlb backings need free hugepages. A [`HugetlbReservation`] uses the pool's
+//! really free pages first (boot-time `hugepages=` reservations included) and raises
+//! `nr_hugepages` only by the shortfall, lowering it by exactly that when the memory is dropped;
+//! a process killed before it could do so is cleaned up after by the next one (see `hugetlb`):
+//! host hugepages never leak and host settings are left as they were.
+//!
+//! Size: every other backing is checked against `MemAvailable` and this process's memory cgroup
+//! before [`GuestMemory::populate`] touches it (see `budget`), so an oversized request is a clear
+//! error, not an OOM kill.
 //!
 //! Concurrency: the guest writes this memory while the host reads it, so the host never forms
 //! Rust references into it; every access is a volatile or atomic access through a raw pointer.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
+
+mod budget;
+mod hugetlb;
+mod map;
+
+pub use budget::{CgroupRoom, MemoryBudget, ensure_fits, margin};
+pub use hugetlb::{HugetlbReservation, PoolFigures, PoolLock, hugetlb_pool_file, state_dir};
 
 const KIB: u64 = 1024;
 const HUGE_2M: u64 = 2 << 20;
@@ -148,16 +159,30 @@ pub enum MemoryError {
     },
     /// Not enough hugepages could be reserved.
     #[error(
-        "could not reserve {wanted} hugepages of {kib} KiB (the pool grew by only {got}): host \
-         memory is short or fragmented; free memory, or reserve them at boot (hugepages=)"
+        "could not reserve {wanted} hugepages of {kib} KiB ({free} were free, and the pool grew \
+         by only {got}): host memory is short or fragmented; free memory, or reserve them at \
+         boot (hugepagesz= hugepages=)"
     )]
     NoHugepages {
         /// Pool size in KiB.
         kib: u64,
         /// Pages wanted.
         wanted: u64,
+        /// Pages that were free and not reserved by other mappings.
+        free: u64,
         /// Pages the kernel managed to add.
         got: u64,
+    },
+    /// More memory than the host or this process's memory cgroup can give (checked before
+    /// anything is mapped or touched).
+    #[error("{what} of {bytes} bytes refused: {reason}")]
+    TooLarge {
+        /// What the memory is for (the backing, or a buffer's name).
+        what: String,
+        /// Bytes asked for.
+        bytes: u64,
+        /// The figures and what to do.
+        reason: String,
     },
     /// Reading or writing the hugetlb pool or its ledger failed.
     #[error("hugetlb pool {path}: {source}")]
@@ -195,9 +220,18 @@ impl GuestMemory {
     /// populated yet; see [`GuestMemory::populate`].
     pub fn new(backing: Backing, bytes: u64) -> Result<Self, MemoryError> {
         let mapped = bytes.div_ceil(backing.page_bytes()) * backing.page_bytes();
-        let reservation = match backing.hugetlb_kib() {
-            Some(kib) => Some(HugetlbReservation::acquire(kib, mapped / (kib * KIB))?),
-            None => None,
+        let len_usize = usize::try_from(mapped).map_err(|_| MemoryError::Unsupported {
+            backing,
+            reason: format!("{mapped} bytes do not fit the address space"),
+        })?;
+        let map = || map::map_backing(backing, mapped, len_usize);
+        let (reservation, (ptr, fd)) = match backing.hugetlb_kib() {
+            // The mapping is made under the pool lock and reserves its pages (no NORESERVE).
+            Some(kib) => {
+                let (r, m) = HugetlbReservation::acquire_for(kib, mapped / (kib * KIB), map)?;
+                (Some(r), m)
+            }
+            None => (None, map()?),
         };
         let sys = |call: &'static str| {
             move |source: io::Error| MemoryError::Sys {
@@ -205,33 +239,6 @@ impl GuestMemory {
                 backing,
                 bytes: mapped,
                 source,
-            }
-        };
-        let len_usize = usize::try_from(mapped).map_err(|_| MemoryError::Unsupported {
-            backing,
-            reason: format!("{mapped} bytes do not fit the address space"),
-        })?;
-        let (ptr, fd) = match backing {
-            Backing::Anon | Backing::Hugetlb2M | Backing::Hugetlb1G | Backing::Shmem => {
-                let mut flags = libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
-                flags |= if backing == Backing::Shmem {
-                    libc::MAP_SHARED
-                } else {
-                    libc::MAP_PRIVATE
-                };
-                if backing == Backing::Hugetlb2M {
-                    flags |= libc::MAP_HUGETLB | libc::MAP_HUGE_2MB;
-                }
-                if backing == Backing::Hugetlb1G {
-                    flags |= libc::MAP_HUGETLB | libc::MAP_HUGE_1GB;
-                }
-                (mmap(len_usize, flags, None).map_err(sys("mmap"))?, None)
-            }
-            Backing::Thp => (mmap_aligned(len_usize, HUGE_2M).map_err(sys("mmap"))?, None),
-            Backing::Memfd | Backing::MemfdHugetlb2M => {
-                let fd = memfd(backing, mapped).map_err(sys("memfd_create/ftruncate"))?;
-                let ptr = mmap(len_usize, libc::MAP_SHARED, Some(&fd)).map_err(sys("mmap"))?;
-                (ptr, Some(fd))
             }
         };
         let memory = Self {
@@ -265,7 +272,16 @@ impl GuestMemory {
 
     /// Fault in every page for writing (`MADV_POPULATE_WRITE`, touching each page where the
     /// kernel lacks it), so first-touch cost never lands in a timed phase or a guest run.
+    ///
+    /// First, memory that the host or this process's memory cgroup cannot give is refused
+    /// ([`MemoryError::TooLarge`], see `budget`) before a page is touched. The check is here
+    /// rather than in [`GuestMemory::new`] because a mapping that is never populated is sparse
+    /// by intent (a clear-geometry slot maps 1 GiB and the guest touches a few pages of it);
+    /// hugetlb memory was already reserved from its pool when it was mapped.
     pub fn populate(&self) -> Result<(), MemoryError> {
+        if self.backing.hugetlb_kib().is_none() {
+            ensure_fits(&format!("{} guest memory", self.backing), self.mapped)?;
+        }
         if self.advise(libc::MADV_POPULATE_WRITE).is_ok() {
             return Ok(());
         }
@@ -436,269 +452,6 @@ impl Drop for GuestMemory {
     }
 }
 
-fn mmap(len: usize, flags: libc::c_int, fd: Option<&OwnedFd>) -> io::Result<NonNull<u8>> {
-    let raw_fd = fd.map_or(-1, AsRawFd::as_raw_fd);
-    // SAFETY: a fresh mapping at a kernel-chosen address (no MAP_FIXED) cannot alias any
-    // existing Rust object; the result is checked against MAP_FAILED below.
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            flags,
-            raw_fd,
-            0,
-        )
-    };
-    if ptr == libc::MAP_FAILED {
-        Err(io::Error::last_os_error())
-    } else {
-        NonNull::new(ptr.cast()).ok_or_else(|| io::Error::other("mmap returned NULL"))
-    }
-}
-
-/// Anonymous private mapping of `len` bytes aligned to `align` (over-map, then trim).
-fn mmap_aligned(len: usize, align: u64) -> io::Result<NonNull<u8>> {
-    let align = usize::try_from(align).map_err(io::Error::other)?;
-    let span = len
-        .checked_add(align)
-        .ok_or_else(|| io::Error::other("size overflows"))?;
-    let base = mmap(
-        span,
-        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-        None,
-    )?;
-    let start = base.as_ptr() as usize;
-    let aligned = start.div_ceil(align) * align;
-    let head = aligned - start;
-    let tail = span - head - len;
-    if head > 0 {
-        // SAFETY: `base..base+head` is the start of the fresh `span`-byte mapping, before
-        // `aligned`; nothing refers to it.
-        unsafe { libc::munmap(base.as_ptr().cast(), head) };
-    }
-    if tail > 0 {
-        // SAFETY: `head + len + tail == span`, so this pointer stays inside the fresh mapping.
-        let tail_start = unsafe { base.as_ptr().add(head + len) };
-        // SAFETY: `tail_start..+tail` is the end of the fresh mapping, after `aligned + len`;
-        // nothing refers to it.
-        unsafe { libc::munmap(tail_start.cast(), tail) };
-    }
-    NonNull::new(aligned as *mut u8).ok_or_else(|| io::Error::other("mmap returned NULL"))
-}
-
-fn memfd(backing: Backing, bytes: u64) -> io::Result<OwnedFd> {
-    let mut flags = libc::MFD_CLOEXEC;
-    if backing == Backing::MemfdHugetlb2M {
-        flags |= libc::MFD_HUGETLB | libc::MFD_HUGE_2MB;
-    }
-    // SAFETY: the name is a valid NUL-terminated C string literal; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"trackcheck-guest".as_ptr(), flags) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just returned by memfd_create (checked non-negative) and is owned by
-    // nothing else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let len = libc::off_t::try_from(bytes).map_err(io::Error::other)?;
-    // SAFETY: ftruncate on the memfd we own; the result is checked.
-    if unsafe { libc::ftruncate(fd.as_raw_fd(), len) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(fd)
-}
-
-/// Hugepages this process added to a pool; returned when dropped.
-#[derive(Debug)]
-pub struct HugetlbReservation {
-    kib: u64,
-    pages: u64,
-    ledger: PathBuf,
-}
-
-/// Where reservation ledgers and their lock live: `/run/trackcheck`, or the temp dir when that
-/// is not writable. One place for every process, so one lock serialises all pool changes.
-#[must_use]
-pub fn state_dir() -> PathBuf {
-    let run = PathBuf::from("/run/trackcheck");
-    if fs::create_dir_all(&run).is_ok() {
-        return run;
-    }
-    std::env::temp_dir().join("trackcheck-state")
-}
-
-/// `/sys/kernel/mm/hugepages/hugepages-<kib>kB/<file>`.
-#[must_use]
-pub fn hugetlb_pool_file(kib: u64, file: &str) -> PathBuf {
-    PathBuf::from(format!("/sys/kernel/mm/hugepages/hugepages-{kib}kB/{file}"))
-}
-
-fn read_number(path: &Path) -> Result<u64, MemoryError> {
-    let text = fs::read_to_string(path).map_err(|source| MemoryError::Pool {
-        path: path.into(),
-        source,
-    })?;
-    text.trim().parse().map_err(|e| MemoryError::Pool {
-        path: path.into(),
-        source: io::Error::new(io::ErrorKind::InvalidData, format!("{text:?}: {e}")),
-    })
-}
-
-fn write_number(path: &Path, value: u64) -> Result<(), MemoryError> {
-    fs::write(path, format!("{value}\n")).map_err(|source| MemoryError::Pool {
-        path: path.into(),
-        source,
-    })
-}
-
-/// Exclusive lock over every process's pool changes (flock on a file in the state dir).
-struct PoolLock(File);
-
-impl PoolLock {
-    fn take(dir: &Path) -> Result<Self, MemoryError> {
-        let pool_err = |source| MemoryError::Pool {
-            path: dir.into(),
-            source,
-        };
-        fs::create_dir_all(dir).map_err(pool_err)?;
-        let path = dir.join("hugetlb.lock");
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|source| MemoryError::Pool {
-                path: path.clone(),
-                source,
-            })?;
-        file.lock()
-            .map_err(|source| MemoryError::Pool { path, source })?;
-        Ok(Self(file))
-    }
-}
-
-impl Drop for PoolLock {
-    fn drop(&mut self) {
-        let _ = self.0.unlock();
-    }
-}
-
-impl HugetlbReservation {
-    /// Grow the `kib` pool by `pages` (after returning the pages of dead processes).
-    pub fn acquire(kib: u64, pages: u64) -> Result<Self, MemoryError> {
-        let nr_path = hugetlb_pool_file(kib, "nr_hugepages");
-        if !nr_path.exists() {
-            let backing = if kib == HUGE_1G / KIB {
-                Backing::Hugetlb1G
-            } else {
-                Backing::Hugetlb2M
-            };
-            return Err(MemoryError::Unsupported {
-                backing,
-                reason: format!("no {kib} KiB hugetlb pool ({} missing)", nr_path.display()),
-            });
-        }
-        let dir = state_dir();
-        let _lock = PoolLock::take(&dir)?;
-        reclaim_dead(&dir)?;
-        let before = read_number(&nr_path)?;
-        write_number(&nr_path, before + pages)?;
-        let after = read_number(&nr_path)?;
-        if after < before + pages {
-            write_number(&nr_path, before)?;
-            return Err(MemoryError::NoHugepages {
-                kib,
-                wanted: pages,
-                got: after.saturating_sub(before),
-            });
-        }
-        let ledger = dir.join(format!(
-            "hugetlb-{kib}-{}-{}.resv",
-            std::process::id(),
-            next_ledger_id()
-        ));
-        if let Err(e) = fs::write(&ledger, format!("{kib} {pages}\n")) {
-            write_number(&nr_path, before)?;
-            return Err(MemoryError::Pool {
-                path: ledger,
-                source: e,
-            });
-        }
-        Ok(Self { kib, pages, ledger })
-    }
-
-    /// Pages reserved.
-    #[must_use]
-    pub fn pages(&self) -> u64 {
-        self.pages
-    }
-}
-
-impl Drop for HugetlbReservation {
-    fn drop(&mut self) {
-        let dir = self
-            .ledger
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(state_dir);
-        let Ok(_lock) = PoolLock::take(&dir) else {
-            return;
-        };
-        give_back(self.kib, self.pages);
-        let _ = fs::remove_file(&self.ledger);
-    }
-}
-
-fn give_back(kib: u64, pages: u64) {
-    let nr_path = hugetlb_pool_file(kib, "nr_hugepages");
-    if let Ok(now) = read_number(&nr_path) {
-        let _ = write_number(&nr_path, now.saturating_sub(pages));
-    }
-}
-
-fn next_ledger_id() -> u64 {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    NEXT.fetch_add(1, Ordering::Relaxed)
-}
-
-/// Return the pages of reservations whose process no longer exists. Call with the lock held.
-fn reclaim_dead(dir: &Path) -> Result<(), MemoryError> {
-    let entries = fs::read_dir(dir).map_err(|source| MemoryError::Pool {
-        path: dir.into(),
-        source,
-    })?;
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name
-            .strip_prefix("hugetlb-")
-            .and_then(|r| r.strip_suffix(".resv"))
-        else {
-            continue;
-        };
-        let mut parts = rest.split('-');
-        let (Some(kib), Some(pid)) = (parts.next(), parts.next()) else {
-            continue;
-        };
-        let (Ok(kib), Ok(pid)) = (kib.parse::<u64>(), pid.parse::<u32>()) else {
-            continue;
-        };
-        if Path::new(&format!("/proc/{pid}")).exists() {
-            continue;
-        }
-        let pages = fs::read_to_string(entry.path())
-            .ok()
-            .and_then(|t| {
-                t.split_whitespace()
-                    .nth(1)
-                    .and_then(|p| p.parse::<u64>().ok())
-            })
-            .unwrap_or(0);
-        give_back(kib, pages);
-        let _ = fs::remove_file(entry.path());
-    }
-    Ok(())
-}
-
 /// Total bytes of `[host_addr, host_addr + len)` that this process has mapped with transparent
 /// huge pages right now (`AnonHugePages` in /proc/self/smaps), to prove a THP backing really got
 /// huge pages.
@@ -775,20 +528,5 @@ mod tests {
         let memfd = GuestMemory::new(Backing::Memfd, 8192).expect("maps");
         memfd.write_u64(4096, 1);
         assert_eq!(memfd.read_u64(4096), 1);
-    }
-
-    #[test]
-    fn dead_reservations_are_reclaimed_and_garbage_is_ignored() {
-        let dir = std::env::temp_dir().join(format!("trackcheck-ledger-{}", std::process::id()));
-        fs::create_dir_all(&dir).expect("dir");
-        // pid 0x7fffffff never exists; kib 3 has no pool, so give_back is a no-op read failure.
-        let stale = dir.join("hugetlb-3-2147483647-0.resv");
-        fs::write(&stale, "3 5\n").expect("write");
-        let garbage = dir.join("hugetlb-x.resv");
-        fs::write(&garbage, "?").expect("write");
-        reclaim_dead(&dir).expect("reclaims");
-        assert!(!stale.exists(), "a dead process's ledger is removed");
-        assert!(garbage.exists(), "unparseable names are left alone");
-        fs::remove_dir_all(&dir).expect("cleanup");
     }
 }

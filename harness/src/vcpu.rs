@@ -21,8 +21,12 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use trackcheck_guests::layout::{DOORBELL_GPA, doorbell};
 
 use crate::arch;
+use crate::host::BackendKind;
 use crate::sys::stats::{StatsFd, StatsSnapshot};
 use crate::sys::{errno_text, kick};
+
+mod failure;
+pub use failure::{FailureKind, RunFailure, X86_RESET_RIP, shutdown_text};
 
 /// How a run segment ended normally.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,109 +67,13 @@ impl Default for RunLimits {
     }
 }
 
-/// What went wrong in a run segment.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum FailureKind {
-    /// No doorbell before the deadline.
-    Watchdog {
-        /// The deadline.
-        limit: Duration,
-    },
-    /// Too many unexplained exits: a livelock.
-    ExitStorm {
-        /// Unexplained exits counted.
-        count: u64,
-    },
-    /// KVM_EXIT_SHUTDOWN (a triple fault, or an instruction PVM cannot deliver at CPL3).
-    Shutdown,
-    /// KVM_EXIT_INTERNAL_ERROR.
-    InternalError {
-        /// `kvm_run.internal.suberror`.
-        suberror: u32,
-    },
-    /// KVM_EXIT_FAIL_ENTRY.
-    FailEntry {
-        /// Hardware entry failure reason.
-        reason: u64,
-    },
-    /// An exit this protocol never produces.
-    Unexpected,
-    /// KVM_RUN itself failed.
-    Ioctl {
-        /// errno text.
-        text: String,
-    },
-}
-
-/// A run segment that did not end at a doorbell.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RunFailure {
-    /// vCPU index.
-    pub vcpu: usize,
-    /// What happened.
-    pub kind: FailureKind,
-    /// Guest PC when it stopped, if the registers could be read.
-    pub pc: Option<u64>,
-    /// Guest privilege level when it stopped.
-    pub cpl: Option<u8>,
-    /// The last exit seen, described.
-    pub last_exit: String,
-    /// Exits in the segment.
-    pub exits: u64,
-    /// How long the segment ran.
-    pub elapsed: Duration,
-    /// Where the PC is, in program terms, and the instruction there (filled in by the
-    /// machine, which knows the code).
-    pub context: String,
-}
-
-impl std::fmt::Display for RunFailure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let what = match &self.kind {
-            FailureKind::Watchdog { limit } => {
-                format!("no doorbell within {:.1}s (watchdog)", limit.as_secs_f64())
-            }
-            FailureKind::ExitStorm { count } => {
-                format!("livelock: {count} exits without reaching a doorbell")
-            }
-            FailureKind::Shutdown => {
-                "shutdown (x86 triple fault or an instruction PVM cannot deliver at CPL3; arm64 PSCI SYSTEM_OFF/RESET)".into()
-            }
-            FailureKind::InternalError { suberror } => {
-                format!("KVM internal error, suberror {suberror}")
-            }
-            FailureKind::FailEntry { reason } => format!("VM entry failed, reason {reason:#x}"),
-            FailureKind::Unexpected => "unexpected exit".into(),
-            FailureKind::Ioctl { text } => format!("KVM_RUN failed: {text}"),
-        };
-        write!(
-            f,
-            "vCPU {}: {what}; last exit {}, {} exits in {:.3}s",
-            self.vcpu,
-            self.last_exit,
-            self.exits,
-            self.elapsed.as_secs_f64()
-        )?;
-        if let Some(pc) = self.pc {
-            write!(f, ", pc {pc:#x}")?;
-        }
-        if let Some(cpl) = self.cpl {
-            write!(f, " (CPL{cpl})")?;
-        }
-        if !self.context.is_empty() {
-            write!(f, ", {}", self.context)?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for RunFailure {}
-
 /// One vCPU.
 #[derive(Debug)]
 pub struct Vcpu {
     id: usize,
     fd: VcpuFd,
+    /// The backend it runs on (what a shutdown means, see [`RunFailure::pc_is_reset_state`]).
+    backend: BackendKind,
     stats: Option<StatsFd>,
     /// KVM_EXIT_DIRTY_RING_FULL exits waited out, shared with whoever holds
     /// [`Vcpu::ring_full_counter`] (the host reads it while this vCPU runs on its own thread).
@@ -235,13 +143,14 @@ enum Seen {
 }
 
 impl Vcpu {
-    /// Wrap vCPU fd `fd` with index `id`.
+    /// Wrap vCPU fd `fd` with index `id`, running on `backend`.
     #[must_use]
-    pub fn new(id: usize, fd: VcpuFd) -> Self {
+    pub fn new(id: usize, fd: VcpuFd, backend: BackendKind) -> Self {
         let stats = StatsFd::open(&fd, &format!("vCPU {id}")).ok();
         Self {
             id,
             fd,
+            backend,
             stats,
             ring_full_exits: Arc::new(AtomicU64::new(0)),
         }
@@ -406,6 +315,7 @@ impl Vcpu {
             return Err(RunFailure {
                 vcpu: self.id,
                 kind,
+                backend: self.backend,
                 pc,
                 cpl,
                 last_exit,
@@ -529,6 +439,7 @@ pub fn run_group<R>(
                     kind: FailureKind::Ioctl {
                         text: "vCPU thread panicked".into(),
                     },
+                    backend: vcpus[i].backend,
                     pc: None,
                     cpl: None,
                     last_exit: "none".into(),

@@ -14,7 +14,9 @@ use trackcheck_guests::layout::PAGE_SIZE;
 use trackcheck_guests::sim::{ThreadEvents, segments};
 use trackcheck_guests::{Access, Event, Misbehaviour, Op, PageSeq, Program, Repeat, Thread, stamp};
 use trackcheck_harness::machine::VcpuState;
-use trackcheck_harness::memory::{HugetlbReservation, hugetlb_pool_file, state_dir, thp_bytes_in};
+use trackcheck_harness::memory::{
+    HugetlbReservation, PoolFigures, PoolLock, hugetlb_pool_file, state_dir, thp_bytes_in,
+};
 use trackcheck_harness::support::{backing_support, mode_support};
 use trackcheck_harness::vcpu::FailureKind;
 use trackcheck_harness::vm::VmError;
@@ -23,6 +25,8 @@ use trackcheck_harness::{
     Mechanism, Stop, Vm,
 };
 
+#[path = "kvm/budget.rs"]
+mod budget;
 #[path = "kvm/fep.rs"]
 mod fep;
 #[path = "kvm/memory.rs"]
@@ -33,7 +37,7 @@ mod process;
 mod ring_full;
 
 use memory::{data_slots, guest_2m_pages, guest_page_tables, memslot_operations};
-use process::{killed_process_returns_hugepages, no_fd_leak};
+use process::{free_pages_are_used_first, killed_process_returns_hugepages, no_fd_leak};
 
 /// Trials that change a hugetlb pool run one at a time in this process (and, under nextest, in
 /// the `hugetlb` test group with one thread): they compare pool sizes before and after.
@@ -41,6 +45,9 @@ static HUGETLB: Mutex<()> = Mutex::new(());
 
 /// Environment variable that makes this binary act as a child process for a trial.
 const CHILD: &str = "TRACKCHECK_TEST_CHILD";
+
+/// How many 2 MiB pages the `hold-hugepage` child makes available (default 1).
+const HOLD_PAGES: &str = "TRACKCHECK_TEST_HOLD_PAGES";
 
 type Check = Result<(), Failed>;
 
@@ -400,9 +407,16 @@ fn backing_trial(backing: Backing) -> Check {
 fn child_main(role: &str) -> Result<(), Box<dyn std::error::Error>> {
     match role {
         "hold-hugepage" => {
-            let _held = HugetlbReservation::acquire(2048, 1)?;
+            let pages = std::env::var(HOLD_PAGES).map_or(Ok(1), |p| p.parse())?;
+            let _held = HugetlbReservation::acquire(2048, pages)?;
             println!("held {}", std::process::id());
             std::thread::sleep(Duration::from_secs(120));
+            Ok(())
+        }
+        "populate-2g" => {
+            let mem = GuestMemory::new(Backing::Anon, 2 << 30)?;
+            mem.populate()?;
+            println!("populated 2 GiB");
             Ok(())
         }
         "fd-leak" => {
@@ -565,8 +579,18 @@ fn kvm_trials(host: &HostProfile) -> Vec<Trial> {
     };
     add(
         "hugetlb::killed_process_returns_pages".into(),
-        hugetlb_skip,
+        hugetlb_skip.clone(),
         Box::new(killed_process_returns_hugepages),
+    );
+    add(
+        "memory::populate_over_the_cgroup_limit_is_refused".into(),
+        budget::cgroup_skip(),
+        Box::new(budget::populate_over_the_cgroup_limit_is_refused),
+    );
+    add(
+        "hugetlb::free_pages_are_used_first".into(),
+        hugetlb_skip,
+        Box::new(free_pages_are_used_first),
     );
     trials
 }

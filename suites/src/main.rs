@@ -284,6 +284,14 @@ fn bench(args: BenchArgs) -> ExitCode {
             args.mem >> 20
         ));
     }
+    // The bound on --mem: what this host and this process's memory cgroup can give, refused
+    // before anything runs (the harness checks every guest memory again when it is made;
+    // hugetlb backings draw on the hugetlb pool instead, which refuses with its own error).
+    if args.backing.hugetlb_kib().is_none()
+        && let Err(why) = trackcheck_harness::memory::MemoryBudget::probe().decide(args.mem)
+    {
+        return fail_usage(&format!("--mem {}M: {why}", args.mem >> 20));
+    }
     let config = BenchConfig {
         mechanisms,
         mem_bytes: args.mem,

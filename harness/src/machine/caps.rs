@@ -4,18 +4,23 @@
 //! before anything else is made. `EINVAL` from KVM_ENABLE_CAP is a skip with a reason, any other
 //! errno an error.
 
-use crate::sys::dirty::GFN_BYTES;
+use crate::host::Backend;
+use crate::track::dirty_ring::{cpu_dirty_log_entries, host_page_bytes, ring_size_rule};
 use crate::vm::Vm;
 
 use super::{MachineConfig, MachineError};
 
 /// KVM_CAP_DIRTY_LOG_RING_ACQ_REL (or DIRTY_LOG_RING on x86, which orders strongly anyway)
-/// with `bytes` per vCPU; must run before any vCPU exists.
-fn enable_dirty_ring(vm: &Vm, bytes: u32) -> Result<(), MachineError> {
+/// with `bytes` per vCPU; must run before any vCPU exists. A size KVM refuses on this host
+/// ([`ring_size_rule`], from the backend's PML setting and the page size) is a skip with the
+/// rule as the reason, found before the ioctl. An EINVAL from a size the rule allows is an
+/// error naming the rule: this kernel's rule differs from the one the suite knows.
+fn enable_dirty_ring(vm: &Vm, bytes: u32, backend: &Backend) -> Result<(), MachineError> {
     const ACQ_REL: u32 = 223;
     const PLAIN: u32 = 192;
+    let what = format!("a {bytes}-byte dirty ring");
     let unsupported = |reason: String| MachineError::Unsupported {
-        what: format!("a {bytes}-byte dirty ring"),
+        what: what.clone(),
         reason,
     };
     let (cap, max) = if vm.check_cap(ACQ_REL) > 0 {
@@ -28,24 +33,40 @@ fn enable_dirty_ring(vm: &Vm, bytes: u32) -> Result<(), MachineError> {
         ));
     };
     let max = u32::try_from(max).unwrap_or(0);
-    if !bytes.is_power_of_two()
-        || (bytes as usize) < 4096
-        || bytes > max
-        || !(bytes as usize).is_multiple_of(GFN_BYTES)
-    {
+    if bytes > max {
         return Err(unsupported(format!(
-            "ring sizes here are powers of two from 4096 to {max} bytes"
+            "the most KVM takes here is {max} bytes (the capability's value)"
         )));
     }
-    // KVM refuses rings smaller than its reserved entries (64 plus the PML buffer where PML
-    // is on), which only the kernel knows.
-    enable_vm_cap(
-        vm,
+    let cpu_log = cpu_dirty_log_entries(backend);
+    ring_size_rule(bytes, cpu_log, host_page_bytes()).map_err(unsupported)?;
+    let arg = kvm_bindings::kvm_enable_cap {
         cap,
-        u64::from(bytes),
-        &format!("a {bytes}-byte dirty ring"),
-        " (smaller than KVM's reserved entries?)",
-    )
+        args: [u64::from(bytes), 0, 0, 0],
+        ..Default::default()
+    };
+    vm.fd().enable_cap(&arg).map_err(|e| {
+        let text = crate::sys::errno_text(e.errno());
+        let pml = match backend.pml {
+            Some(on) => format!("PML {}", if on { "on" } else { "off" }),
+            None => "no PML parameter".into(),
+        };
+        let rule = if e.errno() == libc::EINVAL {
+            format!(
+                ": the suite's rule (KVM_DIRTY_RING_RSVD_ENTRIES 64 + {cpu_log} CPU dirty-log \
+                 entries, {pml}, page size {}, from kvm_vm_ioctl_enable_dirty_log_ring) allowed \
+                 it, so this kernel's rule differs: read its kvm_dirty_ring_get_rsvd_entries() \
+                 and kvm_cpu_dirty_log_size(), or pick a larger ring",
+                host_page_bytes()
+            )
+        } else {
+            String::new()
+        };
+        MachineError::Vcpu {
+            vcpu: 0,
+            text: format!("KVM_ENABLE_CAP({what}): {text}{rule}"),
+        }
+    })
 }
 
 /// A VM capability through KVM_ENABLE_CAP; `what` names it in errors. `EINVAL` is a skip
@@ -88,9 +109,13 @@ const CAP_SUPPORTED_BLOCK_SIZES: u32 = 229;
 
 /// The VM-wide tracking settings KVM only takes while the VM has no memslot (ring with bitmap,
 /// eager split chunk) or no vCPU (the ring): made right after the VM exists.
-pub(super) fn enable_tracking_caps(vm: &Vm, config: &MachineConfig) -> Result<(), MachineError> {
+pub(super) fn enable_tracking_caps(
+    vm: &Vm,
+    config: &MachineConfig,
+    backend: &Backend,
+) -> Result<(), MachineError> {
     if let Some(bytes) = config.dirty_ring {
-        enable_dirty_ring(vm, bytes)?;
+        enable_dirty_ring(vm, bytes, backend)?;
         if config.dirty_ring_with_bitmap {
             if vm.check_cap(CAP_RING_WITH_BITMAP) <= 0 {
                 return Err(MachineError::Unsupported {

@@ -102,14 +102,15 @@ impl Machine {
                 config.data_pages
             )));
         }
-        let backend = host::probe_backend().kind;
+        let backend_facts = host::probe_backend();
+        let backend = backend_facts.kind;
         let plan =
             mode::plan(config.mode, backend).map_err(|reason| MachineError::Unsupported {
                 what: format!("{} execution", config.mode),
                 reason,
             })?;
         let mut vm = Vm::new()?;
-        caps::enable_tracking_caps(&vm, &config)?;
+        caps::enable_tracking_caps(&vm, &config, &backend_facts)?;
         if config.guest_page_size == GuestPageSize::Size1G {
             let facts = arch::guest_cpu_facts(vm.kvm()).map_err(MachineError::Config)?;
             if !facts.pages_1g {
@@ -134,7 +135,7 @@ impl Machine {
                 })?;
                 rings.push(ring);
             }
-            vcpus.push(Vcpu::new(id, fd));
+            vcpus.push(Vcpu::new(id, fd, backend));
         }
         let ring_full = vcpus.iter().map(Vcpu::ring_full_counter).collect();
         let states = vec![VcpuState::Idle; config.vcpus];

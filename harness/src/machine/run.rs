@@ -312,7 +312,10 @@ impl Machine {
                 }
                 Err(mut failure) => {
                     self.states[i] = VcpuState::Failed;
-                    failure.context = self.context_at(i, failure.pc);
+                    // After a reset the PC names no place in the program (see RunFailure).
+                    if !failure.pc_is_reset_state() {
+                        failure.context = self.context_at(i, failure.pc);
+                    }
                     if let Some(hint) = mode::failure_hint(self.store_form(), &failure.kind) {
                         failure.context = [std::mem::take(&mut failure.context), hint]
                             .into_iter()

@@ -20,8 +20,88 @@
 //! (`memslot_is_logging()` tests `dirty_bitmap`), so huge mappings are split on write.
 
 use super::{Allowance, KernelTime, PageSet, RearmKind, TrackCtx, TrackError, Tracker};
-use crate::sys::dirty::{bitmap_words, get_dirty_log, reset_dirty_rings};
+use crate::host::Backend;
+use crate::sys::dirty::{GFN_BYTES, bitmap_words, get_dirty_log, reset_dirty_rings};
 use crate::vm::Vm;
+
+/// `KVM_DIRTY_RING_RSVD_ENTRIES` (include/linux/kvm_dirty_ring.h in 6.1, 6.12 and 7.x): ring
+/// entries KVM keeps free beyond the soft limit, for writes it must log after a vCPU has been
+/// told the ring is full.
+pub const KVM_RING_RESERVED_ENTRIES: u64 = 64;
+
+/// The VMX PML buffer's entries: `PML_ENTITY_NUM` (arch/x86/kvm/vmx/vmx.h, 6.1 and 6.12),
+/// renamed `PML_LOG_NR_ENTRIES` later (7.x; AMD's PML in 7.x uses the same constant). A full
+/// PML buffer is drained into the ring in one go, so KVM reserves room for all of it.
+pub const PML_ENTRIES: u64 = 512;
+
+/// Entries the CPU's own dirty log may push at once on this backend: `kvm_cpu_dirty_log_size()`.
+/// That is the PML buffer where the vendor module has PML on (`kvm_intel.pml`, or `kvm_amd.pml`
+/// on kernels with AMD PML; the module parameter is the effective value: KVM clears it when the
+/// CPU or EPT A/D bits cannot do PML), else 0 (the `__weak` default in virt/kvm/dirty_ring.c:
+/// no hardware log on PVM, shadow paging, SVM without PML or arm64).
+#[must_use]
+pub fn cpu_dirty_log_entries(backend: &Backend) -> u64 {
+    if backend.pml == Some(true) {
+        PML_ENTRIES
+    } else {
+        0
+    }
+}
+
+/// Whether KVM takes a dirty ring of `bytes` bytes per vCPU, and leaves it usable, given the
+/// CPU dirty log's entries and the host page size; `Err` says why not.
+///
+/// The kernel's rule, the same in 6.1, 6.12 and 7.x (virt/kvm/kvm_main.c,
+/// `kvm_vm_ioctl_enable_dirty_log_ring`): EINVAL unless `bytes` is a power of two, at least
+/// `PAGE_SIZE`, and at least `kvm_dirty_ring_get_rsvd_entries() * sizeof(struct kvm_dirty_gfn)`
+/// where (virt/kvm/dirty_ring.c) `kvm_dirty_ring_get_rsvd_entries() =
+/// KVM_DIRTY_RING_RSVD_ENTRIES + kvm_cpu_dirty_log_size()` (7.x passes the VM: the per-VM size,
+/// the same figure for an ordinary VM); E2BIG above the cap's maximum. `kvm_dirty_ring_alloc`
+/// then sets the soft limit to entries minus the reserve, so a ring of exactly the reserve would
+/// be taken but be "full" before its first entry: this also refuses that (entries must exceed
+/// the reserve). So with PML on (512 + 64 = 576 entries of 16 bytes = 9216 bytes) 4 KiB and
+/// 8 KiB rings are refused and 16 KiB is the smallest; without PML 4 KiB works on 4 KiB-page
+/// hosts, and a 16 KiB-page arm64 host needs 16 KiB.
+///
+/// What it cannot see: a kernel whose rule differs (the EINVAL from KVM_ENABLE_CAP is then
+/// reported naming this rule, so the difference shows).
+pub fn ring_size_rule(bytes: u32, cpu_log_entries: u64, page_bytes: u64) -> Result<(), String> {
+    let entry = GFN_BYTES as u64;
+    let reserved = KVM_RING_RESERVED_ENTRIES + cpu_log_entries;
+    let bytes = u64::from(bytes);
+    let entries = bytes / entry;
+    let why = if !bytes.is_power_of_two() {
+        format!("{bytes} bytes is not a power of two")
+    } else if bytes < page_bytes {
+        format!("{bytes} bytes is less than the host page size ({page_bytes})")
+    } else if entries <= reserved {
+        format!(
+            "its {entries} entries of {entry} bytes do not exceed the {reserved} KVM reserves \
+             ({KVM_RING_RESERVED_ENTRIES} plus {cpu_log_entries} for the CPU's dirty log{})",
+            if cpu_log_entries > 0 {
+                ": the PML buffer"
+            } else {
+                ""
+            }
+        )
+    } else {
+        return Ok(());
+    };
+    Err(format!(
+        "KVM takes a dirty ring only of a power-of-two size, at least the page size and more \
+         than (64 + CPU dirty-log entries) x 16 bytes = {} bytes here \
+         (kvm_vm_ioctl_enable_dirty_log_ring, kvm_dirty_ring_get_rsvd_entries): {why}",
+        reserved * entry
+    ))
+}
+
+/// The host's page size in bytes.
+#[must_use]
+pub fn host_page_bytes() -> u64 {
+    // SAFETY: sysconf has no preconditions and touches no memory of ours.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(page).unwrap_or(4096)
+}
 
 /// The dirty ring tracker. The rings themselves belong to the machine (they must exist before
 /// the vCPUs run); the tracker reads them through [`TrackCtx::rings`].
@@ -187,5 +267,57 @@ impl Tracker for DirtyRingTracker {
 
     fn take_kernel_time(&mut self) -> KernelTime {
         std::mem::take(&mut self.time)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pml_needs_a_ring_above_576_entries() {
+        // 576 reserved entries x 16 bytes = 9216: 4 KiB and 8 KiB are refused, 16 KiB is not.
+        for bytes in [4096, 8192] {
+            let why = ring_size_rule(bytes, PML_ENTRIES, 4096).unwrap_err();
+            assert!(why.contains("do not exceed the 576 KVM reserves"), "{why}");
+            assert!(why.contains("the PML buffer"), "{why}");
+            assert!(why.contains("= 9216 bytes here"), "{why}");
+        }
+        assert_eq!(ring_size_rule(16384, PML_ENTRIES, 4096), Ok(()));
+        assert_eq!(ring_size_rule(1 << 20, PML_ENTRIES, 4096), Ok(()));
+    }
+
+    #[test]
+    fn without_pml_a_page_sized_ring_is_enough() {
+        assert_eq!(ring_size_rule(4096, 0, 4096), Ok(()));
+        let why = ring_size_rule(2048, 0, 4096).unwrap_err();
+        assert!(why.contains("less than the host page size (4096)"), "{why}");
+        // A 16 KiB-page arm64 host refuses 4 KiB and 8 KiB rings.
+        assert!(ring_size_rule(8192, 0, 16384).is_err());
+        assert_eq!(ring_size_rule(16384, 0, 16384), Ok(()));
+    }
+
+    #[test]
+    fn a_ring_of_exactly_the_reserve_is_refused_and_sizes_must_be_powers_of_two() {
+        // 64 entries = 1024 bytes: KVM's own check would take it on a 1 KiB-page host, but its
+        // soft limit would be 0.
+        let why = ring_size_rule(1024, 0, 1024).unwrap_err();
+        assert!(
+            why.contains("64 entries of 16 bytes do not exceed the 64"),
+            "{why}"
+        );
+        let why = ring_size_rule(12288, 0, 4096).unwrap_err();
+        assert!(why.contains("not a power of two"), "{why}");
+    }
+
+    #[test]
+    fn pml_counts_only_when_the_module_says_it_is_on() {
+        let mut backend = crate::host::probe_backend();
+        backend.pml = Some(true);
+        assert_eq!(cpu_dirty_log_entries(&backend), 512);
+        backend.pml = Some(false);
+        assert_eq!(cpu_dirty_log_entries(&backend), 0);
+        backend.pml = None;
+        assert_eq!(cpu_dirty_log_entries(&backend), 0);
     }
 }

@@ -11,7 +11,7 @@
 
 mod clear_log;
 mod dirty_log;
-mod dirty_ring;
+pub mod dirty_ring;
 pub mod inject;
 mod pageset;
 pub(crate) mod uffd;

@@ -1,4 +1,5 @@
-//! Process hygiene: a killed process returns its hugepages, no fd leaks.
+//! Process hygiene: hugetlb pools are used as found and left as found (a killed process's
+//! growth is undone), no fd leaks.
 
 use super::*;
 
@@ -15,8 +16,11 @@ pub(super) fn killed_process_returns_hugepages() -> Check {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let before = read_pool(2048)?;
+    // One page more than is free, so the child must grow the pool by exactly one.
+    let pages = PoolFigures::read(2048)?.available() + 1;
     let mut child = Command::new(std::env::current_exe()?)
         .env(CHILD, "hold-hugepage")
+        .env(HOLD_PAGES, pages.to_string())
         .stdout(Stdio::piped())
         .spawn()?;
     let mut line = String::new();
@@ -56,5 +60,92 @@ pub(super) fn no_fd_leak() -> Check {
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     ensure(out.status.success(), || {
         format!("fd leak check failed: {text}")
+    })
+}
+
+/// Pages "reserved at boot" for a trial: added to the pool by hand (as `hugepages=` on the
+/// kernel command line would), taken away again when dropped, under the pool lock both times.
+struct BootPages {
+    kib: u64,
+    pages: u64,
+}
+
+impl BootPages {
+    fn add(kib: u64, pages: u64) -> Result<Self, Failed> {
+        let _lock = PoolLock::take(&state_dir())?;
+        let nr = read_pool(kib)?;
+        let path = hugetlb_pool_file(kib, "nr_hugepages");
+        std::fs::write(&path, format!("{}\n", nr + pages))?;
+        let now = read_pool(kib)?;
+        if now != nr + pages {
+            std::fs::write(&path, format!("{nr}\n"))?;
+            return Err(format!("the {kib} KiB pool grew to {now}, not {}", nr + pages).into());
+        }
+        Ok(Self { kib, pages })
+    }
+}
+
+impl Drop for BootPages {
+    fn drop(&mut self) {
+        if let Ok(_lock) = PoolLock::take(&state_dir())
+            && let Ok(nr) = read_pool(self.kib)
+        {
+            let path = hugetlb_pool_file(self.kib, "nr_hugepages");
+            let _ = std::fs::write(path, format!("{}\n", nr.saturating_sub(self.pages)));
+        }
+    }
+}
+
+/// Pages already in the pool (reserved at boot) are used before the pool grows; the pool grows
+/// only by the shortfall and shrinks back by exactly that, so the boot pages stay and the host
+/// is left as found. Mappings reserve their pages at mmap (`resv_hugepages`), so the next
+/// reservation does not count them as free.
+pub(super) fn free_pages_are_used_first() -> Check {
+    const KIB: u64 = 2048;
+    const HUGE: u64 = KIB * 1024;
+    let _serial = HUGETLB
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let base = read_pool(KIB)?;
+    let boot = BootPages::add(KIB, 2)?;
+    let start = PoolFigures::read(KIB)?;
+    let free = start.available();
+    ensure(free >= 2, || {
+        format!("2 boot pages added, but only {free} free: {start:?}")
+    })?;
+    {
+        let mem = GuestMemory::new(Backing::Hugetlb2M, free * HUGE)?;
+        let now = PoolFigures::read(KIB)?;
+        ensure(now.nr == start.nr && now.available() == 0, || {
+            format!(
+                "a mapping of the {free} free pages: pool {start:?} -> {now:?} (grown, or not reserved)"
+            )
+        })?;
+        mem.populate()?;
+        mem.write_u64(HUGE, 7);
+        ensure(mem.read_u64(HUGE) == 7, || {
+            "hugetlb memory reads back".into()
+        })?;
+    }
+    let after_fit = PoolFigures::read(KIB)?;
+    ensure(after_fit == start, || {
+        format!("after the mapping within the free pages: {start:?} -> {after_fit:?}")
+    })?;
+    {
+        let mem = GuestMemory::new(Backing::Hugetlb2M, (free + 1) * HUGE)?;
+        let now = PoolFigures::read(KIB)?;
+        ensure(now.nr == start.nr + 1, || {
+            format!("one page more than is free must grow the pool by one: {start:?} -> {now:?}")
+        })?;
+        mem.populate()?;
+    }
+    let after_grow = PoolFigures::read(KIB)?;
+    ensure(after_grow == start, || {
+        format!("the growth was not given back exactly: {start:?} -> {after_grow:?}")
+    })?;
+    drop(boot);
+    let end = read_pool(KIB)?;
+    ensure(end == base, || {
+        format!("nr_hugepages {base} before the test, {end} after: host setting changed")
     })
 }

@@ -30,7 +30,7 @@ use trackcheck_harness::HostProfile;
 use trackcheck_harness::machine::{Machine, MachineConfig, MachineError};
 use trackcheck_harness::oracle::OracleReport;
 use trackcheck_harness::track::inject::{Fault, Injected, applicability};
-use trackcheck_harness::track::{PageSet, RearmKind, TrackError, Tracker};
+use trackcheck_harness::track::{PageSet, RearmKind, TrackError, Tracker, dirty_ring};
 use trackcheck_harness::vcpu::RunLimits;
 use trackcheck_harness::{ModeEvidence, ObservedMode, support};
 
@@ -283,6 +283,10 @@ pub fn precheck(spec: &TrialSpec, host: &HostProfile) -> Result<(), String> {
                 "a {bytes}-byte dirty ring exceeds this host's maximum of {max} bytes"
             ));
         }
+        // The size KVM refuses (EINVAL) given the CPU's dirty log (PML) and the page size.
+        let cpu_log = dirty_ring::cpu_dirty_log_entries(&kvm.backend);
+        dirty_ring::ring_size_rule(bytes, cpu_log, dirty_ring::host_page_bytes())
+            .map_err(|why| format!("a {bytes}-byte dirty ring: {why}"))?;
     }
     Ok(())
 }
@@ -343,5 +347,45 @@ fn check_mode(evidence: &ModeEvidence) -> Result<(), TrialError> {
         )))
     } else {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod precheck_tests {
+    use trackcheck_harness::track::TrackerSpec;
+    use trackcheck_harness::{Backing, HostProfile};
+
+    use super::precheck;
+    use crate::spec::TrialSpec;
+
+    /// With PML on, a 4 KiB ring is a skip naming the rule; 16 KiB passes the ring check.
+    #[test]
+    fn a_ring_smaller_than_the_pml_reserve_is_a_skip_with_the_rule() {
+        let mut host = HostProfile::probe();
+        let Some(kvm) = host.kvm.as_mut() else {
+            eprintln!("skip: KVM unavailable, precheck stops before the ring");
+            return;
+        };
+        kvm.backend.pml = Some(true);
+        kvm.caps.insert("DIRTY_LOG_RING".into(), 1 << 20);
+        let ring = |bytes| TrialSpec {
+            tracker: TrackerSpec::DirtyRing {
+                bytes,
+                with_bitmap: false,
+            },
+            ..TrialSpec::example(Backing::Anon)
+        };
+        let why = precheck(&ring(4096), &host).expect_err("4 KiB ring refused with PML");
+        assert!(why.contains("a 4096-byte dirty ring"), "{why}");
+        assert!(why.contains("do not exceed the 576 KVM reserves"), "{why}");
+        // Other facts of this host may still refuse it, but not the ring size.
+        let bigger = precheck(&ring(16384), &host);
+        assert!(
+            bigger
+                .as_ref()
+                .err()
+                .is_none_or(|w| !w.contains("reserves")),
+            "{bigger:?}"
+        );
     }
 }
