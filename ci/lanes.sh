@@ -54,7 +54,7 @@ stream() {
     {
       printf '\n== lane %s: exit %s after %s s\n' "$name" "$rc" "$((SECONDS - start))"
       grep -E '^trackcheck vm: (kernel|modules|build|reports|time|[a-z0-9]+: exit)|trials in .* s \(|^trackcheck vm:   \| (FAIL|NEW|UNEXPECTED|drop-page|self-test)|^trackcheck vm: [^ ]' "$OUT/$name.log" \
-        | grep -v '^trackcheck vm: boot:' | tail -40
+        | grep -v -e '^trackcheck vm: boot:' -e '::inject-' | tail -40
       [ "$rc" = 0 ] || { echo "-- last lines of $OUT/$name.log:"; tail -30 "$OUT/$name.log"; }
     } | flock "$OUT/.print" cat
   done

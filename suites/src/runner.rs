@@ -84,18 +84,21 @@ pub fn run_all(
     let next = AtomicUsize::new(0);
     let done = AtomicUsize::new(0);
     let slots: Mutex<Vec<Option<TrialResult>>> = Mutex::new(vec![None; specs.len()]);
+    let trace = Trace::from_env();
     std::thread::scope(|scope| {
         for _ in 0..jobs.max(1) {
             scope.spawn(|| {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(spec) = specs.get(i) else { return };
+                    trace.line("start", &spec.name());
                     let mut result = run_trial(
                         spec,
                         seed.unwrap_or_else(|| spec.default_seed()),
                         host,
                         &required,
                     );
+                    trace.line(result.verdict.name(), &spec.name());
                     golden.apply(&mut result);
                     let finished = done.fetch_add(1, Ordering::Relaxed) + 1;
                     progress(finished, specs.len(), &result);
@@ -112,6 +115,50 @@ pub fn run_all(
         .into_iter()
         .flatten()
         .collect()
+}
+
+/// `$TRACKCHECK_TRACE=FILE`: a line per trial start and end, written as it happens, so a run
+/// that dies (a signal, the OOM killer, a kernel oops) leaves the trials it was running on
+/// record: those started and not ended. Lanes set it (`trackcheck vm` reads it back).
+#[derive(Debug)]
+struct Trace(Option<Mutex<std::fs::File>>);
+
+impl Trace {
+    fn from_env() -> Self {
+        let file = std::env::var_os("TRACKCHECK_TRACE").and_then(|p| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .ok()
+        });
+        Self(file.map(Mutex::new))
+    }
+
+    fn line(&self, what: &str, name: &str) {
+        if let Some(f) = &self.0
+            && let Ok(mut f) = f.lock()
+        {
+            let _ = std::io::Write::write_all(&mut *f, format!("{what} {name}\n").as_bytes());
+        }
+    }
+}
+
+/// Trials a trace file shows started and not ended.
+#[must_use]
+pub fn in_flight(trace: &str) -> Vec<String> {
+    let mut open: Vec<String> = Vec::new();
+    for line in trace.lines() {
+        let Some((what, name)) = line.split_once(' ') else {
+            continue;
+        };
+        if what == "start" {
+            open.push(name.to_string());
+        } else {
+            open.retain(|n| n != name);
+        }
+    }
+    open
 }
 
 /// How much a verdict matters when runs of one trial disagree (higher shows).
@@ -243,6 +290,12 @@ pub fn read_replay(path: &Path) -> Result<ReplayFile, String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_trace_shows_the_trials_in_flight() {
+        let t = "start a\nstart b\npass a\nstart c\nfail c\nstart d\n";
+        assert_eq!(super::in_flight(t), ["b", "d"]);
+    }
+
     use super::*;
     use crate::spec::TrialSpec;
 

@@ -24,7 +24,7 @@ run() {
   name=$1; shift
   start=$(date +%s)
   echo "=== lane: $name: $*"
-  { "$@" 2>&1; echo $? > /lane/out/$name.rc; } | tee /lane/out/$name.log
+  { TRACKCHECK_TRACE=/lane/out/$name.trace "$@" 2>&1; echo $? > /lane/out/$name.rc; } | tee /lane/out/$name.log
   echo "=== lane: $name: exit $(cat /lane/out/$name.rc) after $(( $(date +%s) - start )) s"
 }
 if [ -e /dev/kvm ]; then

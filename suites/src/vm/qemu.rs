@@ -117,6 +117,8 @@ impl Qemu {
             "panic=-1".into(),
             "quiet".into(),
             "transparent_hugepage=always".into(),
+            // A process killed by a signal leaves its registers in the kernel log.
+            "print-fatal-signals=1".into(),
         ];
         if config.hugepages_1g > 0 {
             append.push("hugepagesz=1G".into());
@@ -335,6 +337,24 @@ impl Qemu {
                     .ok()
                     .and_then(|s| s.trim().parse().ok())
                     .unwrap_or(-1);
+                if code != 0 {
+                    let trace = std::fs::read_to_string(config.out.join(format!("{name}.trace")))
+                        .unwrap_or_default();
+                    let open = crate::runner::in_flight(&trace);
+                    let signal =
+                        (code > 128).then(|| format!(" (killed by signal {})", code - 128));
+                    if signal.is_some() || !open.is_empty() {
+                        progress(&format!(
+                            "{name}: exit {code}{}; trials running when it ended: {}",
+                            signal.unwrap_or_default(),
+                            if open.is_empty() {
+                                "none".into()
+                            } else {
+                                open.join(", ")
+                            }
+                        ));
+                    }
+                }
                 commands.push((name, code));
             }
         }
@@ -411,6 +431,10 @@ fn bless_back(
         let name = e.file_name().to_string_lossy().to_string();
         if name.starts_with(&format!("{}-", arch.name())) && name.ends_with(".snap") {
             let to = golden.join(&name);
+            // Only the lane's own file changed; the others went in and came back as they were.
+            if std::fs::read(&to).ok() == std::fs::read(e.path()).ok() {
+                continue;
+            }
             std::fs::copy(e.path(), &to).map_err(|err| io(&to, err))?;
             progress(&format!("blessed: {}", to.display()));
         }
