@@ -9,6 +9,7 @@
 //! inside). The reports come back over the serial console and land in `--out`; the exit status
 //! is that of the commands inside (0 only if all passed), 2 for bad input.
 
+mod build;
 pub mod cli;
 pub mod initramfs;
 pub mod kernel;
@@ -296,7 +297,7 @@ pub fn run(config: &VmConfig, progress: &dyn Fn(&str)) -> Result<Outcome, VmErro
         kernel.label,
         kernel.release.as_deref().unwrap_or("unknown")
     ));
-    let initrd = qemu::build_initramfs(config, &kernel, &binary, &busybox, progress)?;
+    let initrd = build::build_initramfs(config, &kernel, &binary, &busybox, progress)?;
     times.lap("build");
     let outcome = qemu.boot(config, &kernel, &initrd, &mut times, progress);
     let _ = std::fs::remove_file(&initrd);
