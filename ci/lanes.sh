@@ -53,7 +53,7 @@ stream() {
     echo "$name $rc $((SECONDS - start))" >> "$OUT/status"
     {
       printf '\n== lane %s: exit %s after %s s\n' "$name" "$rc" "$((SECONDS - start))"
-      grep -E '^trackcheck vm: (kernel|modules|build|reports|time|[a-z0-9]+: exit)|trials in .* s \(|^trackcheck vm:   \| (FAIL|NEW|UNEXPECTED|drop-page|self-test)|^trackcheck vm: [^ ]' "$OUT/$name.log" \
+      grep -E '^trackcheck vm: (kernel|modules|build|reports|time|[a-z0-9]+: exit)|trials in [0-9.]+s \(|^trackcheck vm:   \| (FAIL|NEW|UNEXPECTED|drop-page|self-test)|^trackcheck vm: [^ ]' "$OUT/$name.log" \
         | grep -v -e '^trackcheck vm: boot:' -e '::inject-' | tail -40
       [ "$rc" = 0 ] || { echo "-- last lines of $OUT/$name.log:"; tail -30 "$OUT/$name.log"; }
     } | flock "$OUT/.print" cat

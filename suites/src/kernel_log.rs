@@ -205,11 +205,23 @@ fn record_seq(prefix: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// The task a kernel log line names (`PID: 1234`), if any.
+/// The task a kernel log line names, if any: `PID: 1234` (up to 6.x), or the `comm/1234`
+/// after `CPU#n: ` that 7.x kernels' WARN lines end with
+/// (`WARNING: arch/arm64/kvm/debug.c:157 at f+0x190/0x230, CPU#1: trackcheck/2632`).
 fn task_of(message: &str) -> Option<i32> {
-    let rest = &message[message.find("PID: ")? + 5..];
-    rest.split(|c: char| !c.is_ascii_digit())
+    if let Some(at) = message.find("PID: ") {
+        return message[at + 5..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok();
+    }
+    let rest = &message[message.find("CPU#")?..];
+    let (_, task) = rest.split_once(": ")?;
+    task.split_whitespace()
         .next()?
+        .rsplit_once('/')?
+        .1
         .parse()
         .ok()
 }
@@ -238,6 +250,9 @@ mod tests {
             Attribution::NoHazard
         );
         assert_eq!(record_seq("4,1234,5678,-"), 1234);
+        let seven = "WARNING: arch/arm64/kvm/debug.c:157 at kvm_vcpu_load_debug+0x190/0x230, CPU#1: trackcheck/2632";
+        assert_eq!(task_of(seven), Some(2632));
+        assert_eq!(task_of("CPU#1: no task here"), None);
     }
 
     #[test]

@@ -190,9 +190,17 @@ impl HazardClass {
 }
 
 /// `virt/kvm/dirty_ring.c:225` from `WARNING: CPU: 0 PID: 1 at arch/x86/kvm/../../../virt/kvm/dirty_ring.c:225 f+0x1/0x2`.
+///
+/// 7.x kernels put the location first: `WARNING: arch/arm64/kvm/debug.c:157 at f+0x190/0x230,
+/// CPU#1: trackcheck/2632`.
 fn warn_location(line: &str) -> Option<String> {
-    let rest = &line[line.find("WARNING:")?..];
-    let at = rest.split(" at ").nth(1)?.split_whitespace().next()?;
+    let rest = &line[line.find("WARNING:")? + "WARNING:".len()..];
+    let first = rest.split_whitespace().next()?;
+    let at = if first.contains('/') && first.contains(':') && !first.contains('+') {
+        first
+    } else {
+        rest.split(" at ").nth(1)?.split_whitespace().next()?
+    };
     let mut parts: Vec<&str> = Vec::new();
     for p in at.split('/') {
         match p {

@@ -455,6 +455,13 @@ fn hazard_classes_are_read_from_the_lines() {
         ),
         HazardClass::Warn("virt/kvm/dirty_ring.c:225".into())
     );
+    // 7.x kernels: the location first, the task last.
+    assert_eq!(
+        HazardClass::of(
+            "kernel: WARNING: arch/arm64/kvm/debug.c:157 at kvm_vcpu_load_debug+0x190/0x230, CPU#1: trackcheck/2632"
+        ),
+        HazardClass::Warn("arch/arm64/kvm/debug.c:157".into())
+    );
     assert_eq!(
         HazardClass::of("kernel: BUG: unable to handle page fault"),
         HazardClass::Oops
