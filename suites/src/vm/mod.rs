@@ -11,6 +11,7 @@
 
 mod build;
 pub mod cli;
+pub mod death;
 pub mod initramfs;
 pub mod kernel;
 pub mod modules;

@@ -70,6 +70,9 @@ impl Times {
 pub struct Outcome {
     /// Each command inside and its exit status.
     pub commands: Vec<(String, i32)>,
+    /// Commands that died in a way the lane's golden file records (see `death.rs`), with the
+    /// evidence: reported, not counted as failures.
+    pub known_deaths: Vec<(String, String)>,
     /// Where the reports are.
     pub out: PathBuf,
     /// Phase times.
@@ -80,7 +83,8 @@ impl Outcome {
     /// 0 when every command inside exited 0.
     #[must_use]
     pub fn exit_code(&self) -> u8 {
-        if self.commands.iter().all(|(_, rc)| *rc == 0) && !self.commands.is_empty() {
+        let ok = |name: &str, rc: i32| rc == 0 || self.known_deaths.iter().any(|(n, _)| n == name);
+        if self.commands.iter().all(|(n, rc)| ok(n, *rc)) && !self.commands.is_empty() {
             0
         } else {
             1
@@ -319,6 +323,7 @@ impl Qemu {
             });
         }
         let mut commands = Vec::new();
+        let mut known_deaths = Vec::new();
         if let Ok(d) = std::fs::read_dir(&config.out) {
             let mut rcs: Vec<PathBuf> = d
                 .flatten()
@@ -341,6 +346,21 @@ impl Qemu {
                     let open = crate::runner::in_flight(&trace);
                     let signal =
                         (code > 128).then(|| format!(" (killed by signal {})", code - 128));
+                    if code > 128 {
+                        let dmesg = std::fs::read_to_string(config.out.join("dmesg.txt"))
+                            .unwrap_or_default();
+                        let golden = super::death::lane_golden(&config.out, &config.golden)
+                            .unwrap_or_default();
+                        match super::death::judge(self.arch.name(), code - 128, &dmesg, &golden) {
+                            super::death::Death::Known(why) => {
+                                progress(&format!("KNOWN FAILURE {name}: {why}"));
+                                known_deaths.push((name.clone(), why));
+                            }
+                            super::death::Death::Unknown(why) => {
+                                progress(&format!("FAIL {name}: {why}"));
+                            }
+                        }
+                    }
                     if signal.is_some() || !open.is_empty() {
                         progress(&format!(
                             "{name}: exit {code}{}; trials running when it ended: {}",
@@ -359,8 +379,16 @@ impl Qemu {
         if config.bless {
             bless_back(&config.out, &config.golden, self.arch, progress)?;
         }
+        if !known_deaths.is_empty() {
+            let text: String = known_deaths
+                .iter()
+                .map(|(n, w)| format!("{n}: {w}\n"))
+                .collect();
+            let _ = std::fs::write(config.out.join("known-deaths.txt"), text);
+        }
         Ok(Outcome {
             commands,
+            known_deaths,
             out: config.out.clone(),
             times: std::mem::take(times),
         })
