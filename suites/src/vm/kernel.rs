@@ -319,8 +319,10 @@ pub fn debian(
     let apt = Apt::new(cache, progress)?;
     let esc = series.replace('.', "\\.");
     // 6.x: one linux-image-*-unsigned package; 7.x: linux-binary-* + linux-modules-*.
-    let image = format!("^linux-image-{esc}[.0-9]*(-[0-9]+)?(\\+deb[0-9]+)?-{flavour}-unsigned$");
-    let binary = format!("^linux-binary-{esc}[.0-9]*(-[0-9]+)?(\\+deb[0-9]+)?-{flavour}$");
+    // `6\.1(\.[0-9]+)*` so that 6.1 is linux-image-6.1.0-37-*, never 6.12.118+deb12-*.
+    let image =
+        format!("^linux-image-{esc}(\\.[0-9]+)*(-[0-9]+)?(\\+deb[0-9]+)?-{flavour}-unsigned$");
+    let binary = format!("^linux-binary-{esc}(\\.[0-9]+)*(-[0-9]+)?(\\+deb[0-9]+)?-{flavour}$");
     let mut found = apt.search(&image)?;
     let split = found.is_empty();
     if split {
@@ -375,6 +377,13 @@ pub fn debian(
             p.file_name()
                 .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
         });
+    }
+    if let Some(r) = &release
+        && trackcheck_harness::host::kernel_series(r).as_deref() != Some(series)
+    {
+        return Err(VmError::Download(format!(
+            "{pkg} is kernel {r}, not series {series}: a package-name pattern is wrong (report it)"
+        )));
     }
     let image = image_path.ok_or_else(|| {
         VmError::Download(format!(
