@@ -88,6 +88,9 @@ pub fn build_initramfs(
     if regressions.is_dir() {
         fs.tree(&regressions, "/lane/golden/proptest-regressions")?;
     }
+    for (host, inside) in &config.files {
+        fs.file(inside, std::fs::read(host).map_err(|e| io(host, e))?, false);
+    }
     fs.file("/lane/commands", commands(config).into_bytes(), false);
     let ld_path = if needs.interpreter.is_some() {
         format!("/lib/{}", config.arch.multiarch())
@@ -200,6 +203,7 @@ mod tests {
             timeout_s: 10,
             boot_timeout_s: 10,
             commands: vec![vec!["run".into(), "it's".into()]],
+            files: Vec::new(),
         };
         let text = commands(&config);
         assert!(

@@ -66,6 +66,10 @@ pub struct VmArgs {
     /// `-- run dirty-ring --selftest` (one command; `;` separates several).
     #[arg(last = true, value_name = "TRACKCHECK ARGS")]
     command: Vec<String>,
+    /// Replay a failure a lane recorded (a replay file under the lane's --out, e.g.
+    /// trackcheck-out/lanes/x86_64-7.2/matrix/replay/NAME.json) inside this kernel.
+    #[arg(long, value_name = "FILE", conflicts_with = "command")]
+    replay: Option<PathBuf>,
 }
 
 /// `trackcheck vm`.
@@ -83,12 +87,22 @@ pub fn main(args: VmArgs, golden_default: PathBuf) -> ExitCode {
             .file_name()
             .map_or_else(|| "kernel".into(), |n| n.to_string_lossy().to_string()),
     };
-    let commands: Vec<Vec<String>> = args
+    let mut files = Vec::new();
+    let mut commands: Vec<Vec<String>> = args
         .command
         .split(|a| a == ";")
         .filter(|c| !c.is_empty())
         .map(<[String]>::to_vec)
         .collect();
+    if let Some(file) = &args.replay {
+        let name = file
+            .file_name()
+            .map_or_else(|| "replay.json".into(), |n| n.to_string_lossy().to_string());
+        // Its reports land beside it: /lane/out/replay/.. is /lane/out.
+        let inside = format!("/lane/out/replay/{name}");
+        files.push((file.clone(), inside.clone()));
+        commands.push(vec!["replay".into(), inside]);
+    }
     let config = VmConfig {
         arch: args.arch,
         kernel: args.kernel,
@@ -108,6 +122,7 @@ pub fn main(args: VmArgs, golden_default: PathBuf) -> ExitCode {
         timeout_s: args.timeout,
         boot_timeout_s: args.boot_timeout,
         commands,
+        files,
     };
     if config.hugepages_1g * 1024 + 512 > config.mem_mib {
         return fail(&VmError::Usage(format!(

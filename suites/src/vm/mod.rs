@@ -217,6 +217,8 @@ pub struct VmConfig {
     /// `trackcheck` commands to run inside (each a list of arguments); empty = env, the
     /// matrix, then the self-test.
     pub commands: Vec<Vec<String>>,
+    /// Host files put into the initramfs (host path, path inside), e.g. a replay file.
+    pub files: Vec<(PathBuf, String)>,
 }
 
 /// The default cache: `$TRACKCHECK_CACHE`, else `/var/cache/trackcheck` for root, else

@@ -379,6 +379,7 @@ impl Qemu {
         if config.bless {
             bless_back(&config.out, &config.golden, self.arch, progress)?;
         }
+        replay_hints(config, progress);
         if !known_deaths.is_empty() {
             let text: String = known_deaths
                 .iter()
@@ -392,6 +393,44 @@ impl Qemu {
             out: config.out.clone(),
             times: std::mem::take(times),
         })
+    }
+}
+
+/// For every replay file a run inside wrote (its failures), the command that replays it in
+/// this same kernel from this host.
+fn replay_hints(config: &VmConfig, progress: &dyn Fn(&str)) {
+    let kernel = match &config.kernel {
+        super::KernelSpec::Debian { series, flavour } => format!(
+            "debian:{series}{}",
+            flavour
+                .as_ref()
+                .map(|f| format!("/{f}"))
+                .unwrap_or_default()
+        ),
+        super::KernelSpec::Path(p) => match &config.modules {
+            Some(m) => format!("{} --modules {}", p.display(), m.display()),
+            None => p.display().to_string(),
+        },
+    };
+    let binary = config
+        .binary
+        .as_ref()
+        .map(|b| format!(" --binary {}", b.display()))
+        .unwrap_or_default();
+    let Ok(runs) = std::fs::read_dir(&config.out) else {
+        return;
+    };
+    for run in runs.flatten() {
+        let Ok(files) = std::fs::read_dir(run.path().join("replay")) else {
+            continue;
+        };
+        for f in files.flatten() {
+            progress(&format!(
+                "replay in this kernel: trackcheck vm --arch {} --kernel {kernel}{binary} --replay {}",
+                config.arch.name(),
+                f.path().display()
+            ));
+        }
     }
 }
 
