@@ -404,59 +404,6 @@ fn backing_trial(backing: Backing) -> Check {
     check_memory(&m, &program)
 }
 
-fn child_main(role: &str) -> Result<(), Box<dyn std::error::Error>> {
-    match role {
-        "hold-hugepage" => {
-            let pages = std::env::var(HOLD_PAGES).map_or(Ok(1), |p| p.parse())?;
-            let _held = HugetlbReservation::acquire(2048, pages)?;
-            println!("held {}", std::process::id());
-            std::thread::sleep(Duration::from_secs(120));
-            Ok(())
-        }
-        "populate-2g" => {
-            let mem = GuestMemory::new(Backing::Anon, 2 << 30)?;
-            mem.populate()?;
-            println!("populated 2 GiB");
-            Ok(())
-        }
-        "fd-leak" => {
-            let count = || {
-                std::fs::read_dir("/proc/self/fd")
-                    .map(Iterator::count)
-                    .unwrap_or(0)
-            };
-            let program = Program::new(
-                16,
-                vec![Thread::new(vec![Op::Write { page: 3, offset: 0 }]); 2],
-            );
-            let cycle = |backing| -> Result<(), Box<dyn std::error::Error>> {
-                let mut m = Machine::new(MachineConfig {
-                    vcpus: 2,
-                    data_pages: 16,
-                    backing,
-                    ..MachineConfig::default()
-                })?;
-                m.load(&program)?;
-                m.run_to_completion()?;
-                Ok(())
-            };
-            cycle(Backing::Memfd)?; // warm up once-per-process state (signal handler, ...)
-            let before = count();
-            for backing in [Backing::Anon, Backing::Memfd, Backing::Shmem] {
-                cycle(backing)?;
-            }
-            let after = count();
-            if before == after {
-                println!("fds: {before} before, {after} after");
-                Ok(())
-            } else {
-                Err(format!("fds: {before} before, {after} after three machines").into())
-            }
-        }
-        other => Err(format!("unknown child role {other}").into()),
-    }
-}
-
 fn kvm_trials(host: &HostProfile) -> Vec<Trial> {
     let mut trials = Vec::new();
     let mut add = |name: String, skip: Option<String>, f: Box<dyn FnOnce() -> Check + Send>| {
@@ -603,7 +550,7 @@ fn skips_push(name: &str, reason: &str) {
 
 fn main() {
     if let Ok(role) = std::env::var(CHILD) {
-        if let Err(e) = child_main(&role) {
+        if let Err(e) = process::child_main(&role) {
             eprintln!("child {role}: {e}");
             std::process::exit(1);
         }
