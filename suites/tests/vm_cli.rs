@@ -7,7 +7,8 @@ use std::process::Command;
 
 fn vm(args: &[&str], path: Option<&str>) -> (i32, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_trackcheck"));
-    cmd.arg("vm").args(args);
+    // Default reports (trackcheck-out/vm-...) land in the temp dir, never in the checkout.
+    cmd.arg("vm").args(args).current_dir(std::env::temp_dir());
     cmd.env(
         "TRACKCHECK_CACHE",
         std::env::temp_dir().join("trackcheck-vm-cli-cache"),
