@@ -6,14 +6,7 @@ use std::path::{Path, PathBuf};
 use super::initramfs::{self, Initramfs};
 use super::kernel::Kernel;
 use super::modules;
-use super::{Arch, VmConfig, VmError};
-
-fn io(path: &Path, e: std::io::Error) -> VmError {
-    VmError::Io {
-        what: path.display().to_string(),
-        source: e,
-    }
-}
+use super::{Arch, VmConfig, VmError, io};
 
 /// Build the initramfs; returns its path.
 pub fn build_initramfs(

@@ -101,6 +101,14 @@ impl VmError {
     }
 }
 
+/// An I/O error on `path`.
+fn io(path: &Path, e: std::io::Error) -> VmError {
+    VmError::Io {
+        what: path.display().to_string(),
+        source: e,
+    }
+}
+
 /// A lane's architecture.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Arch {

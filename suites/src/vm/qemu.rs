@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 
 use super::kernel::{Kernel, which};
-use super::{Arch, VmConfig, VmError};
+use super::{Arch, VmConfig, VmError, io};
 
 /// Phase times of a lane.
 #[derive(Debug)]
@@ -431,13 +431,6 @@ fn replay_hints(config: &VmConfig, progress: &dyn Fn(&str)) {
                 f.path().display()
             ));
         }
-    }
-}
-
-fn io(path: &Path, e: std::io::Error) -> VmError {
-    VmError::Io {
-        what: path.display().to_string(),
-        source: e,
     }
 }
 
