@@ -418,7 +418,7 @@ fn probe_kvm() -> Result<KvmFacts, KvmUnavailable> {
     let device = sys::kvm_device_path().display().to_string();
     let mut probe_errors = Vec::new();
     let mut caps = BTreeMap::new();
-    let vm = kvm.create_vm().map_err(|e| KvmUnavailable::Other {
+    let vm = sys::create_vm(&kvm).map_err(|e| KvmUnavailable::Other {
         path: sys::kvm_device_path(),
         error: format!("KVM_CREATE_VM: {}", sys::errno_text(e.errno())),
     })?;

@@ -139,9 +139,7 @@ impl Vm {
     /// Create a VM on the host's KVM device.
     pub fn new() -> Result<Self, VmError> {
         let kvm = sys::open_kvm()?;
-        let fd = kvm
-            .create_vm()
-            .map_err(|e| VmError::Create(sys::errno_text(e.errno())))?;
+        let fd = sys::create_vm(&kvm).map_err(|e| VmError::Create(sys::errno_text(e.errno())))?;
         let stats = StatsFd::open(&fd, "VM").ok();
         Ok(Self {
             fd,
