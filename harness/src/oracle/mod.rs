@@ -152,6 +152,21 @@ pub struct LostPage {
     /// round the loss belongs to (`None` where not known: no ring, or not recorded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ring_full: Option<bool>,
+    /// The first later harvest that reported the page (`None`: none did, or not known — only
+    /// the per-harvest check of concurrent runs, [`RunningCheck`], fills it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reported_at: Option<u32>,
+    /// With `reported_at`: a vCPU whose next write (after its progress at the collect that
+    /// missed the page) went to this page, and whose progress stood still over every collect
+    /// until the one that reported it — that vCPU was inside a write fault on the page all
+    /// along. KVM makes a faulting page's mapping writable before it marks the page dirty (x86
+    /// `fast_pf_fix_direct_spte`: the cmpxchg, then `mark_page_dirty_in_slot`; arm64
+    /// `user_mem_abort`: after `kvm_fault_unlock`), so another vCPU can write through the new
+    /// mapping and publish its write before the bit is set; a collect in between misses the
+    /// page, and the next one after the fault completes reports it (a *late report*). A page
+    /// missed with no such vCPU is an ordinary loss, however soon it was reported again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stalled_writer: Option<usize>,
 }
 
 impl LostPage {
@@ -174,7 +189,15 @@ impl LostPage {
             round,
             block_reported: None,
             ring_full: None,
+            reported_at: None,
+            stalled_writer: None,
         }
+    }
+
+    /// A late report behind a write fault in flight (see [`LostPage::stalled_writer`]).
+    #[must_use]
+    pub fn late(&self) -> bool {
+        self.reported_at.is_some() && self.stalled_writer.is_some()
     }
 }
 
@@ -189,7 +212,18 @@ impl std::fmt::Display for LostPage {
             f,
             "slot {} page {} (gpa {:#x}): {what} not reported by round {}",
             self.slot, self.page, self.gpa, self.round
-        )
+        )?;
+        match (self.reported_at, self.stalled_writer) {
+            (Some(at), Some(v)) => write!(
+                f,
+                " (reported by round {at}; vCPU {v}, whose next write was to this page, made no progress meanwhile: a write fault in flight)"
+            ),
+            (Some(at), None) => write!(
+                f,
+                " (reported again by round {at}, no vCPU held in a fault on it)"
+            ),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -236,14 +270,46 @@ impl OracleReport {
         }
     }
 
-    /// Merge a finding into the lost list, keeping one entry per page (the first found).
+    /// Merge a finding into the lost list, keeping one entry per page: the first found, except
+    /// that a loss the next harvest did not make good replaces a late report of the same page
+    /// (so a signature that accepts late reports never hides a lasting loss behind one).
     pub fn add_lost(&mut self, lost: LostPage) {
-        if !self
+        match self
             .lost
-            .iter()
-            .any(|l| l.slot == lost.slot && l.page == lost.page)
+            .iter_mut()
+            .find(|l| l.slot == lost.slot && l.page == lost.page)
         {
-            self.lost.push(lost);
+            None => self.lost.push(lost),
+            Some(l) if l.late() && !lost.late() => *l = lost,
+            Some(_) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lost(page: u64, round: u32, late: Option<bool>) -> LostPage {
+        let mut l = LostPage::at(&DataLayout::single(2, 8), page, 0, 5, round);
+        if let Some(late) = late {
+            l.reported_at = Some(round + 1);
+            l.stalled_writer = late.then_some(1);
+        }
+        l
+    }
+
+    /// One entry per page; a lasting loss replaces a late report of the same page, never the
+    /// other way round.
+    #[test]
+    fn a_lasting_loss_is_never_hidden_behind_a_late_report() {
+        let mut r = OracleReport::default();
+        r.add_lost(lost(1, 2, Some(true)));
+        r.add_lost(lost(1, 5, Some(false)));
+        r.add_lost(lost(1, 6, Some(true)));
+        r.add_lost(lost(3, 2, None));
+        r.add_lost(lost(3, 4, Some(true)));
+        let got: Vec<(u64, u32)> = r.lost.iter().map(|l| (l.page, l.round)).collect();
+        assert_eq!(got, vec![(1, 5), (3, 2)]);
     }
 }

@@ -119,6 +119,30 @@ enum Writes<'p> {
     Endless(EndlessLoop, u64),
 }
 
+impl Writes<'_> {
+    /// The data page of the next write after the ones accounted so far.
+    fn next_page(&self) -> Option<u64> {
+        match self {
+            Writes::Replay(events) => {
+                let mut look = events.clone();
+                loop {
+                    match look.next()? {
+                        trackcheck_guests::sim::Event::Write { page, .. } => return Some(page),
+                        trackcheck_guests::sim::Event::Read { .. } => {}
+                        _ => return None,
+                    }
+                }
+            }
+            Writes::Endless(l, _) => {
+                let len = l.table.len() as u64;
+                usize::try_from(l.done % len)
+                    .ok()
+                    .and_then(|i| l.table.get(i).copied())
+            }
+        }
+    }
+}
+
 /// The per-harvest containment check of one run (see the module doc).
 #[derive(Debug)]
 pub struct RunningCheck<'p> {
@@ -131,6 +155,15 @@ pub struct RunningCheck<'p> {
     checked: u64,
     /// The previous harvest's report (for [`LostPage::block_reported`]).
     previous: PageSet,
+    /// Progress at the last [`RunningCheck::advance`].
+    progress: Vec<u64>,
+    /// Per checked round: each vCPU's progress at its snapshot, and the data page of its next
+    /// write (`None`: none before a sync point or the end).
+    rounds: BTreeMap<u32, (Vec<u64>, Vec<Option<u64>>)>,
+    /// Pages named and not reported since: (round, slot, page) -> data page.
+    pending: BTreeMap<(u32, u32, u64), u64>,
+    /// Pages named and reported since: (round, slot, page) -> (reporting round, stalled vCPU).
+    resolved: BTreeMap<(u32, u32, u64), (u32, Option<usize>)>,
 }
 
 impl<'p> RunningCheck<'p> {
@@ -151,12 +184,17 @@ impl<'p> RunningCheck<'p> {
             fresh: BTreeSet::new(),
             checked: 0,
             previous: PageSet::new(),
+            progress: Vec::new(),
+            rounds: BTreeMap::new(),
+            pending: BTreeMap::new(),
+            resolved: BTreeMap::new(),
         }
     }
 
     /// The host read `progress` (one entry per vCPU, acquire) before a collect: every write up
     /// to it happened before that collect.
     pub fn advance(&mut self, progress: &[u64]) -> Result<(), String> {
+        self.progress = progress.to_vec();
         for (vcpu, &target) in progress.iter().enumerate().take(self.cursors.len()) {
             let writes = match &mut self.cursors[vcpu] {
                 Writes::Replay(events) => writes_through(events, target).map_err(|had| {
@@ -241,7 +279,54 @@ impl<'p> RunningCheck<'p> {
             lost.push(l);
         }
         self.previous.clone_from(reported);
+        self.note_round(round, reported);
+        for l in &lost {
+            if let Some(page) = self.layout.data_page(l.slot, l.page) {
+                self.pending.insert((l.round, l.slot, l.page), page);
+            }
+        }
         lost
+    }
+
+    /// Record round `round`'s snapshot and settle the pages named earlier that its collect
+    /// (`reported`) reported: a late report behind a write fault in flight when some vCPU's
+    /// next write at the losing round went to the page and its progress stood still at every
+    /// snapshot from then until this one (exclusive: by this snapshot the fault may have
+    /// completed and the vCPU published that write).
+    fn note_round(&mut self, round: u32, reported: &PageSet) {
+        let next: Vec<Option<u64>> = self.cursors.iter().map(Writes::next_page).collect();
+        self.rounds.insert(round, (self.progress.clone(), next));
+        let settled: Vec<((u32, u32, u64), u64)> = self
+            .pending
+            .iter()
+            .filter(|((named, slot, page), _)| *named < round && reported.contains(*slot, *page))
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        for ((named, slot, page), data_page) in settled {
+            self.pending.remove(&(named, slot, page));
+            let stalled = self.rounds.get(&named).and_then(|(at, next)| {
+                (0..at.len()).find(|&v| {
+                    next.get(v).copied().flatten() == Some(data_page)
+                        && self
+                            .rounds
+                            .range(named..round)
+                            .all(|(_, (p, _))| p.get(v) == at.get(v))
+                })
+            });
+            self.resolved.insert((named, slot, page), (round, stalled));
+        }
+    }
+
+    /// Fill [`LostPage::reported_at`] and [`LostPage::stalled_writer`] for the pages this check
+    /// named and a later harvest reported. Call after the last harvest's check; pages other
+    /// checks found are left alone.
+    pub fn annotate(&self, lost: &mut [LostPage]) {
+        for l in lost {
+            if let Some(&(at, stalled)) = self.resolved.get(&(l.round, l.slot, l.page)) {
+                l.reported_at = Some(at);
+                l.stalled_writer = stalled;
+            }
+        }
     }
 
     /// Words checked so far, summed over harvests.
@@ -326,6 +411,84 @@ mod tests {
             shadow.compare(&mem).is_empty(),
             "the final comparison sees nothing"
         );
+        // Round 3 reported page 1, and vCPU 1, whose next write (2) goes to page 1, stood still
+        // from round 2 on: what a write fault in flight on page 1 looks like.
+        let mut lost = lost;
+        check.annotate(&mut lost);
+        assert_eq!(
+            (lost[0].reported_at, lost[0].stalled_writer),
+            (Some(3), Some(1))
+        );
+        assert!(lost[0].late());
+        assert!(
+            lost[0].to_string().contains("reported by round 3; vCPU 1"),
+            "{}",
+            lost[0]
+        );
+    }
+
+    /// A page reported again later with no vCPU held in a fault on it is an ordinary loss; a
+    /// page never reported again is one too; pages other checks found are left alone.
+    #[test]
+    fn a_loss_without_a_stalled_writer_is_no_late_report() {
+        let p = program();
+        let mem = GuestMemory::new(Backing::Anon, 4 * PAGE_SIZE).expect("maps");
+        let layout = DataLayout::single(2, 4);
+        let mut shadow = Shadow::new(layout.clone(), &mem);
+        let mut check = RunningCheck::new(&p, layout.clone());
+        // Round 2: both vCPUs wrote pages 0 and 1; both write page 2 next.
+        guest(&mem, 0, 1, 2);
+        guest(&mem, 1, 1, 2);
+        check.advance(&[2, 2]).expect("advance");
+        shadow.copy(&mem, &set(&[0]));
+        let mut lost = check.check(&shadow, 2, &set(&[0]), None);
+        assert_eq!(lost.len(), 1, "page 1 lost: {lost:?}");
+        // Round 3: nothing new; page 1 not reported.
+        check.advance(&[2, 2]).expect("advance");
+        assert!(check.check(&shadow, 3, &set(&[]), None).is_empty());
+        // Round 4: page 1 written again and reported.
+        guest(&mem, 0, 3, 6);
+        check.advance(&[6, 2]).expect("advance");
+        shadow.copy(&mem, &set(&[0, 1, 2, 3]));
+        assert!(
+            check
+                .check(&shadow, 4, &set(&[0, 1, 2, 3]), None)
+                .is_empty()
+        );
+        lost.push(LostPage::at(&layout, 3, 1, 9, 2));
+        check.annotate(&mut lost);
+        assert_eq!(
+            (lost[0].reported_at, lost[0].stalled_writer),
+            (Some(4), None)
+        );
+        assert!(!lost[0].late());
+        assert!(
+            lost[0]
+                .to_string()
+                .ends_with("(reported again by round 4, no vCPU held in a fault on it)"),
+            "{}",
+            lost[0]
+        );
+        assert_eq!(lost[1].reported_at, None, "not named by this check");
+    }
+
+    /// A page never reported again carries no report round.
+    #[test]
+    fn a_page_never_reported_again_is_no_late_report() {
+        let p = program();
+        let mem = GuestMemory::new(Backing::Anon, 4 * PAGE_SIZE).expect("maps");
+        let layout = DataLayout::single(2, 4);
+        let mut shadow = Shadow::new(layout.clone(), &mem);
+        let mut check = RunningCheck::new(&p, layout);
+        guest(&mem, 0, 1, 2);
+        check.advance(&[2, 0]).expect("advance");
+        shadow.copy(&mem, &set(&[0]));
+        let mut lost = check.check(&shadow, 2, &set(&[0]), None);
+        check.advance(&[2, 0]).expect("advance");
+        assert!(check.check(&shadow, 3, &set(&[]), None).is_empty());
+        check.annotate(&mut lost);
+        assert_eq!((lost[0].reported_at, lost[0].stalled_writer), (None, None));
+        assert!(!lost[0].late());
     }
 
     #[test]

@@ -145,7 +145,9 @@ fn classify(results: &[&TrialResult]) -> (Expected, String) {
         .iter()
         .copied()
         .filter(|r| {
-            r.fail_kind.is_some() && matches!(raw_verdict(r), Verdict::Fail | Verdict::KnownFailure)
+            r.fail_kind.is_some()
+                && matches!(raw_verdict(r), Verdict::Fail | Verdict::KnownFailure)
+                && !super::kernel_rule::explained_by_late_rule(r)
         })
         .collect();
     let passes = results

@@ -38,6 +38,10 @@ pub enum PagePredicate {
     /// The lost write is among the last `n` writes of a vCPU that the trial reports stuck on
     /// KVM_EXIT_DIRTY_RING_FULL (its published progress minus the write's seq is below `n`).
     StuckWriterTail(u64),
+    /// A late report behind a write fault in flight: a later harvest reported the page, and a
+    /// vCPU whose next write went to it made no progress until then (`LostPage::late`); only
+    /// the per-harvest check of concurrent runs knows it.
+    InFlightFault,
     /// A write of the guest program (not one KVM made itself, not a page-table change).
     GuestWrite,
     /// A write KVM made itself for a vCPU (kvmclock, steal time).
@@ -83,6 +87,7 @@ pub const LEGEND: &[&str] = &[
     "signature: lost(p+q) = every lost page satisfies p and q; hazard(a,b) = every hazard is of class a or b; any = no condition",
     "  ring-full-writer: the writing vCPU took a KVM_EXIT_DIRTY_RING_FULL exit in the round the loss belongs to",
     "  block-reported: the mechanism reported a page of the lost page's 2 MiB guest-physical block in that round or the one before",
+    "  in-flight-fault: a later harvest reported the page, and a vCPU whose next write went to it made no progress until then (a write fault in flight; per-harvest check only)",
     "  stuck-writer-tail:N: the lost write is among the last N writes of a vCPU the trial reports stuck on KVM_EXIT_DIRTY_RING_FULL",
     "  guest-write / kvm-write / table-change: the lost write is the guest program's / one KVM made itself / a guest page-table change",
     "  hazards: ring-full-stuck (a vCPU stuck on a full ring), warn@FILE:LINE (a kernel WARN there), oops, taint, other",
@@ -94,6 +99,7 @@ impl fmt::Display for PagePredicate {
         match self {
             Self::RingFullWriter => f.write_str("ring-full-writer"),
             Self::BlockReported => f.write_str("block-reported"),
+            Self::InFlightFault => f.write_str("in-flight-fault"),
             Self::StuckWriterTail(n) => write!(f, "stuck-writer-tail:{n}"),
             Self::GuestWrite => f.write_str("guest-write"),
             Self::KvmWrite => f.write_str("kvm-write"),
@@ -107,6 +113,7 @@ impl PagePredicate {
         Some(match s {
             "ring-full-writer" => Self::RingFullWriter,
             "block-reported" => Self::BlockReported,
+            "in-flight-fault" => Self::InFlightFault,
             "guest-write" => Self::GuestWrite,
             "kvm-write" => Self::KvmWrite,
             "table-change" => Self::TableChange,
@@ -120,6 +127,7 @@ impl PagePredicate {
         match self {
             Self::RingFullWriter => lost.ring_full == Some(true),
             Self::BlockReported => lost.block_reported.is_some_and(|n| n >= 1),
+            Self::InFlightFault => lost.late(),
             Self::StuckWriterTail(n) => tail_distance(lost, stuck).is_some_and(|d| d < *n),
             Self::GuestWrite => !matches!(lost.seq, LostPage::KVM_WRITE | LostPage::TABLE_CHANGE),
             Self::KvmWrite => lost.seq == LostPage::KVM_WRITE,
@@ -471,6 +479,7 @@ impl Signature {
                     let mut preds: BTreeSet<PagePredicate> = [
                         PagePredicate::RingFullWriter,
                         PagePredicate::BlockReported,
+                        PagePredicate::InFlightFault,
                         PagePredicate::GuestWrite,
                         PagePredicate::KvmWrite,
                         PagePredicate::TableChange,

@@ -18,6 +18,8 @@ fn lp(vcpu: usize, seq: u64) -> LostPage {
         round: 3,
         block_reported: None,
         ring_full: None,
+        reported_at: None,
+        stalled_writer: None,
     }
 }
 
@@ -70,6 +72,50 @@ fn block_reported_needs_a_reported_neighbour() {
     assert!(!p.holds(&l, &none));
     l.block_reported = Some(1);
     assert!(p.holds(&l, &none));
+}
+
+#[test]
+fn in_flight_fault_needs_the_report_and_the_stalled_writer() {
+    let none = BTreeMap::new();
+    let p = PagePredicate::InFlightFault;
+    let mut l = lp(0, 5);
+    assert!(
+        !p.holds(&l, &none),
+        "unknown (the final comparison) is not late"
+    );
+    l.reported_at = Some(4);
+    assert!(
+        !p.holds(&l, &none),
+        "reported again, but no vCPU held in a fault on it"
+    );
+    l.stalled_writer = Some(1);
+    assert!(p.holds(&l, &none));
+    l.reported_at = None;
+    assert!(!p.holds(&l, &none), "never reported again");
+    assert_eq!(
+        PagePredicate::parse("in-flight-fault"),
+        Some(PagePredicate::InFlightFault)
+    );
+}
+
+/// A trial recorded as `lost(in-flight-fault)` fails as new when one of its pages is no late
+/// report.
+#[test]
+fn a_lasting_loss_is_outside_a_late_report_signature() {
+    let mut late = lp(0, 5);
+    late.reported_at = Some(4);
+    late.stalled_writer = Some(1);
+    let sig = Signature::derive(&[&failing(vec![late.clone()], &[])]);
+    assert_eq!(sig.to_string(), "lost(in-flight-fault+guest-write)");
+    assert!(sig.outside(&failing(vec![late.clone()], &[])).is_empty());
+    let mut again = lp(1, 9);
+    again.reported_at = Some(4);
+    assert_eq!(sig.outside(&failing(vec![late, again], &[])).len(), 1);
+    assert_eq!(
+        sig.outside(&failing(vec![lp(1, 9)], &[])).len(),
+        1,
+        "a final-comparison loss"
+    );
 }
 
 #[test]

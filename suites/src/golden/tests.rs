@@ -21,6 +21,8 @@ fn page(page: u64, block_reported: Option<u32>) -> LostPage {
         round: 2,
         block_reported,
         ring_full: None,
+        reported_at: None,
+        stalled_writer: None,
     }
 }
 
@@ -322,6 +324,36 @@ fn a_selftest_is_judged_on_the_losses_the_signature_does_not_explain() {
     r.lost.clear();
     golden.apply(&mut r);
     assert_eq!(r.verdict, Verdict::Pass);
+}
+
+/// A skip-rearm loses a write only where its page is written again: when every lost page is
+/// the kernel's recorded failure, the run could not show the fault's own loss — inconclusive,
+/// never caught and never a pass.
+#[test]
+fn a_skip_rearm_whose_losses_are_all_the_kernels_is_inconclusive() {
+    let base = spec(Backing::Thp);
+    let injected = TrialSpec {
+        inject: Some(Fault::SkipRearm),
+        ..base
+    };
+    let golden = golden_with(base.name(), "fail:lost(block-reported)");
+    let mut r = lost(&injected, vec![page(7, Some(4))]);
+    r.injected_pages = Some(vec![(2, 0), (2, 1)]);
+    golden.apply(&mut r);
+    assert_eq!(r.verdict, Verdict::NotExercised, "{r:?}");
+    assert!(
+        r.reason
+            .as_deref()
+            .is_some_and(|w| w.contains("inconclusive") && w.contains("2 page(s)")),
+        "{:?}",
+        r.reason
+    );
+    // One of its pages lost a write outside the signature: judged as usual (caught).
+    let mut r = lost(&injected, vec![page(7, Some(4)), page(1, Some(0))]);
+    r.injected_pages = Some(vec![(2, 0), (2, 1)]);
+    golden.apply(&mut r);
+    assert_eq!(r.verdict, Verdict::Fail);
+    assert!(crate::report::caught(&r));
 }
 
 #[test]

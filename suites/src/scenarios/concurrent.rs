@@ -249,14 +249,16 @@ fn drive(
         ..Findings::default()
     };
     // Losses seen at their harvest first (they name the round), then the final comparison.
+    oracle.check.annotate(&mut lost);
     let per_harvest = lost.len();
+    let late = lost.iter().filter(|l| l.late()).count();
     for l in lost {
         findings.report.add_lost(l);
     }
     let at_end = oracle.shadow.compare(m.data());
     if per_harvest > 0 || !at_end.is_empty() {
         findings.evidence.push(format!(
-            "the per-harvest check named {per_harvest} page(s); the final comparison alone finds {}",
+            "the per-harvest check named {per_harvest} page(s), {late} of them reported late behind a write fault in flight (a later harvest reported the page; a vCPU whose next write went to it made no progress until then); the final comparison alone finds {}",
             at_end.len()
         ));
     }
