@@ -184,6 +184,17 @@ impl Vcpu {
         &self.fd
     }
 
+    /// The fd, mutably (KVM_RUN outside a run group: the raw-ioctl floor).
+    pub(crate) fn fd_mut(&mut self) -> &mut VcpuFd {
+        &mut self.fd
+    }
+
+    /// One bare pread of the binary stats into `buf` (the raw-ioctl floor); false if there is
+    /// no stats fd or the read failed.
+    pub(crate) fn read_stats_raw(&self, buf: &mut [u8]) -> bool {
+        self.stats.as_ref().is_some_and(|s| s.read_raw(buf))
+    }
+
     /// Binary stats now (empty if the kernel has no stats fd).
     #[must_use]
     pub fn stats(&self) -> StatsSnapshot {

@@ -18,6 +18,7 @@
 mod caps;
 mod config;
 mod error;
+mod floor;
 mod layout;
 mod run;
 mod slots;
@@ -26,6 +27,7 @@ mod x86_64;
 
 pub use config::MachineConfig;
 pub use error::MachineError;
+pub use floor::FloorCase;
 pub use layout::SystemLayout;
 pub use run::{RunView, VcpuState};
 pub use slots::{CONTROL_SLOT, DATA_SLOT, MAX_DATA_SLOTS, SYSTEM_SLOT};

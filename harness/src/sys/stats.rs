@@ -172,6 +172,13 @@ impl StatsFd {
         self.descs.iter().map(|d| d.name.clone()).collect()
     }
 
+    /// Read the raw data block into the start of `buf` (one pread; for the raw-ioctl floor).
+    /// Returns false if `buf` is too small or the read failed.
+    pub fn read_raw(&self, buf: &mut [u8]) -> bool {
+        buf.get_mut(..self.data_bytes)
+            .is_some_and(|b| self.file.read_exact_at(b, self.data_offset).is_ok())
+    }
+
     /// Read every statistic now.
     pub fn snapshot(&self) -> Result<StatsSnapshot, StatsError> {
         let mut data = vec![0u8; self.data_bytes];
