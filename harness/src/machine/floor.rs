@@ -49,8 +49,9 @@ impl FloorCase {
 const MAX_EXITS: u32 = 1000;
 
 impl Machine {
-    /// One floor case for the loaded program: `restarts` restarts (the harness's stepped
-    /// property case restarts twice: reset, then load), then the stepped case's calls.
+    /// One floor case for the loaded program: `restarts` restarts (a stepped property case
+    /// loads and resets; the vCPUs are restarted once, the second restart finds them still at
+    /// their entry), then the stepped case's calls.
     /// Logging is left off. The program must only ring SYNC and DONE doorbells.
     pub fn floor_case(&mut self, restarts: u32) -> Result<FloorCase, MachineError> {
         let mut out = FloorCase::default();

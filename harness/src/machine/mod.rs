@@ -48,14 +48,20 @@ use crate::mode::{self, ModeEvidence, ModePlan};
 use crate::sys::dirty::DirtyRing;
 use crate::sys::stats::StatsSnapshot;
 use crate::track::{TrackCtx, TrackError, TrackSource, Tracker};
-use crate::vcpu::{RunLimits, Vcpu};
+use crate::vcpu::{RunLimits, Vcpu, VcpuThreads};
 use crate::vm::{Memslot, Vm};
 
 use layout::LeafTables;
 
+/// `insn_emulation` and `exits` of each vCPU at one moment (see [`Machine::mode_counters`]).
+#[derive(Clone, Copy, Debug)]
+pub struct ModeCounters([[Option<u64>; 2]; MAX_VCPUS]);
+
 /// A VM with the trackcheck guest layout.
 #[derive(Debug)]
 pub struct Machine {
+    /// The vCPU threads: joined first when the machine is dropped.
+    threads: VcpuThreads,
     config: MachineConfig,
     plan: ModePlan,
     backend: BackendKind,
@@ -142,6 +148,7 @@ impl Machine {
         let ring_full = vcpus.iter().map(Vcpu::ring_full_counter).collect();
         let states = vec![VcpuState::Idle; config.vcpus];
         Ok(Self {
+            threads: VcpuThreads::new(config.vcpus),
             config,
             plan,
             backend,
@@ -253,6 +260,40 @@ impl Machine {
     #[must_use]
     pub fn vm_stats(&self) -> StatsSnapshot {
         self.vm.stats()
+    }
+
+    /// The counters [`Machine::mode_evidence_between`] needs (`insn_emulation`, `exits` of
+    /// every vCPU), read without allocating: what a stepped case reads instead of two full
+    /// [`Machine::vcpu_stats`] snapshots.
+    #[must_use]
+    pub fn mode_counters(&self) -> ModeCounters {
+        let mut c = ModeCounters([[None; 2]; MAX_VCPUS]);
+        for (slot, v) in c.0.iter_mut().zip(&self.vcpus) {
+            *slot = v.mode_counters();
+        }
+        c
+    }
+
+    /// [`Machine::mode_evidence`] from two [`Machine::mode_counters`] readings: the same
+    /// totals (per vCPU the saturating difference where both readings have the counter; None
+    /// where no vCPU has it).
+    #[must_use]
+    pub fn mode_evidence_between(
+        &self,
+        before: &ModeCounters,
+        after: &ModeCounters,
+        writes: u64,
+    ) -> ModeEvidence {
+        let total = |k: usize| {
+            before
+                .0
+                .iter()
+                .zip(&after.0)
+                .take(self.vcpus.len())
+                .filter_map(|(b, a)| Some(a[k]?.saturating_sub(b[k]?)))
+                .reduce(|x, y| x + y)
+        };
+        ModeEvidence::new(self.config.mode, writes, total(0), total(1))
     }
 
     /// Evidence of the execution mode between two `vcpu_stats()` snapshots, for `writes`

@@ -164,7 +164,7 @@ pub(crate) fn drive_loaded(
     race: bool,
 ) -> Result<SteppedRun, TrialError> {
     phase::mark(Phase::Oracle);
-    let before = m.vcpu_stats();
+    let before = m.mode_counters();
     phase::mark(Phase::Stats);
     m.attach(tracker)?;
     phase::mark(Phase::Attach);
@@ -193,7 +193,7 @@ pub(crate) fn drive_loaded(
     }
     st.harvest(m, tracker, false)?; // final: every vCPU is done (or stuck)
     phase::mark(Phase::Oracle);
-    let after = m.vcpu_stats();
+    let after = m.mode_counters();
     phase::mark(Phase::Stats);
     let rounds = st.oracle.ledger.report().rounds;
     let mut findings = Findings::default();
@@ -214,7 +214,7 @@ pub(crate) fn drive_loaded(
             rounds,
         ));
     }
-    let evidence = m.mode_evidence(&before, &after, m.writes_done());
+    let evidence = m.mode_evidence_between(&before, &after, m.writes_done());
     findings.evidence.push(evidence.summary());
     findings.evidence.push(format!(
         "{} writes to {} distinct pages over {} harvests",
