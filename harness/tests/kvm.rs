@@ -29,6 +29,8 @@ use trackcheck_harness::{
 mod budget;
 #[path = "kvm/fep.rs"]
 mod fep;
+#[path = "kvm/leak.rs"]
+mod leak;
 #[path = "kvm/memory.rs"]
 mod memory;
 #[path = "kvm/process.rs"]
@@ -510,6 +512,11 @@ fn kvm_trials(host: &HostProfile) -> Vec<Trial> {
         "machine::no_fd_leak".into(),
         native.clone(),
         Box::new(no_fd_leak),
+    );
+    add(
+        "machine::no_leak_over_many_cases".into(),
+        native.clone(),
+        Box::new(leak::no_leak_over_many_cases),
     );
     let is_root = std::fs::metadata("/proc/self")
         .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
