@@ -57,7 +57,7 @@ fn case(
     collect(m, seen)?;
     let mut first = true;
     while m.states().iter().any(|s| matches!(s, VcpuState::Ready(_))) {
-        if first && i % 100 == 0 {
+        if first && i.is_multiple_of(100) {
             m.run_with(|view| view.running()).1?;
         } else {
             m.run()?;
