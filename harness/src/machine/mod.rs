@@ -53,6 +53,14 @@ use crate::vm::{Memslot, Vm};
 
 use layout::LeafTables;
 
+/// The backend facts a machine uses (which backend, whether PML is on), probed once per
+/// process: they are fixed while the KVM module is loaded (which module it is, and its
+/// read-only `enable_pml`), and probing reads some forty files under /sys and /proc.
+fn backend_facts() -> &'static host::Backend {
+    static FACTS: std::sync::OnceLock<host::Backend> = std::sync::OnceLock::new();
+    FACTS.get_or_init(host::probe_backend)
+}
+
 /// `insn_emulation` and `exits` of each vCPU at one moment (see [`Machine::mode_counters`]).
 #[derive(Clone, Copy, Debug)]
 pub struct ModeCounters([[Option<u64>; 2]; MAX_VCPUS]);
@@ -110,7 +118,7 @@ impl Machine {
                 config.data_pages
             )));
         }
-        let backend_facts = host::probe_backend();
+        let backend_facts = backend_facts();
         let backend = backend_facts.kind;
         let plan =
             mode::plan(config.mode, backend).map_err(|reason| MachineError::Unsupported {
@@ -118,7 +126,7 @@ impl Machine {
                 reason,
             })?;
         let mut vm = Vm::new()?;
-        caps::enable_tracking_caps(&vm, &config, &backend_facts)?;
+        caps::enable_tracking_caps(&vm, &config, backend_facts)?;
         if config.guest_page_size == GuestPageSize::Size1G {
             let facts = arch::guest_cpu_facts(vm.kvm()).map_err(MachineError::Config)?;
             if !facts.pages_1g {

@@ -393,7 +393,13 @@ fn worker_main(shared: &Shared, group: &Group, index: usize) {
         let vcpu = unsafe { &mut *ptr.0 };
         let result = catch_unwind(AssertUnwindSafe(|| vcpu.run_to_stop(limits, k)))
             .unwrap_or_else(|_| Err(thread_failure(vcpu, "vCPU thread panicked".into())));
-        group.lock().slots[index] = Slot::Done(result);
-        group.changed.notify_all();
+        let mut g = group.lock();
+        g.slots[index] = Slot::Done(result);
+        // Waiters wait for the whole group (or a deadline): wake them for the last one only.
+        let last = !g.slots.iter().any(|s| matches!(s, Slot::Running));
+        drop(g);
+        if last {
+            group.changed.notify_all();
+        }
     }
 }
