@@ -256,8 +256,13 @@ impl HarnessCost {
         let _ = writeln!(s, "  {:<14} {:>8.1}", "whole floor", self.floor_us);
         let _ = writeln!(
             s,
-            "case / floor           {:.2}x (target <= 2x)",
-            self.ratio_to_floor
+            "case / floor           {:.2}x (target <= 2x); the floor alone allows at most {:.0} cases/s",
+            self.ratio_to_floor,
+            if self.floor_us > 0.0 {
+                1e6 / self.floor_us
+            } else {
+                0.0
+            }
         );
         s
     }
