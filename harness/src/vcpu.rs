@@ -5,16 +5,17 @@
 //! Everything else is unexplained; more than [`RunLimits::exit_storm`] unexplained exits in one
 //! segment is a livelock.
 //!
-//! Every `KVM_RUN` is bounded. A group of vCPUs runs on scoped threads, one per vCPU, while a
-//! watchdog thread waits for them; past the deadline it sets `immediate_exit` for each vCPU still
-//! running and sends it the kick signal, every few milliseconds until the thread reports back
-//! (so a signal that lands just before the thread re-enters `KVM_RUN` is not lost). A kicked
-//! vCPU returns a [`RunFailure`] naming the vCPU, the last exit, the PC and how long it ran.
+//! Every `KVM_RUN` is bounded. A group of vCPUs runs on the machine's persistent vCPU threads
+//! (one per vCPU, parked between segments: see [`VcpuThreads`]) while a watchdog waits for them;
+//! past the deadline it sets `immediate_exit` for each vCPU still running and sends it the kick
+//! signal, every few milliseconds until the thread reports back (so a signal that lands just
+//! before the thread re-enters `KVM_RUN` is not lost). A kicked vCPU returns a [`RunFailure`]
+//! naming the vCPU, the last exit, the PC and how long it ran.
 
 use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -26,7 +27,9 @@ use crate::sys::stats::{StatsFd, StatsSnapshot};
 use crate::sys::{errno_text, kick};
 
 mod failure;
+mod pool;
 pub use failure::{FailureKind, RunFailure, X86_RESET_RIP, shutdown_text};
+pub use pool::{GroupMonitor, VcpuThreads};
 
 /// How a run segment ended normally.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,9 +78,16 @@ pub struct Vcpu {
     /// The backend it runs on (what a shutdown means, see [`RunFailure::pc_is_reset_state`]).
     backend: BackendKind,
     stats: Option<StatsFd>,
+    /// Where `insn_emulation` and `exits` are in the stats (for [`Vcpu::mode_counters`]).
+    mode_at: [Option<(u64, u16)>; 2],
     /// KVM_EXIT_DIRTY_RING_FULL exits waited out, shared with whoever holds
     /// [`Vcpu::ring_full_counter`] (the host reads it while this vCPU runs on its own thread).
     ring_full_exits: Arc<AtomicU64>,
+    /// The entry point last set with [`Vcpu::restart_at`].
+    entry: Option<arch::Entry>,
+    /// The vCPU is still exactly as `restart_at(entry)` left it: it has not run and its fd has
+    /// not been handed out since (anyone holding the fd may have changed its registers).
+    at_entry: AtomicBool,
 }
 
 /// Per-vCPU state shared with the watchdog.
@@ -147,12 +157,17 @@ impl Vcpu {
     #[must_use]
     pub fn new(id: usize, fd: VcpuFd, backend: BackendKind) -> Self {
         let stats = StatsFd::open(&fd, &format!("vCPU {id}")).ok();
+        let locate = |name| stats.as_ref().and_then(|s| s.locate(name));
+        let mode_at = [locate("insn_emulation"), locate("exits")];
         Self {
             id,
             fd,
             backend,
             stats,
+            mode_at,
             ring_full_exits: Arc::new(AtomicU64::new(0)),
+            entry: None,
+            at_entry: AtomicBool::new(false),
         }
     }
 
@@ -178,10 +193,50 @@ impl Vcpu {
         self.id
     }
 
-    /// The fd, for register setup.
+    /// The fd, for register setup (the vCPU then no longer counts as at its entry point).
     #[must_use]
     pub fn fd(&self) -> &VcpuFd {
+        self.at_entry.store(false, Ordering::Relaxed);
         &self.fd
+    }
+
+    /// The fd, mutably (KVM_RUN outside a run group: the raw-ioctl floor).
+    pub(crate) fn fd_mut(&mut self) -> &mut VcpuFd {
+        *self.at_entry.get_mut() = false;
+        &mut self.fd
+    }
+
+    /// Settle the vCPU (see [`Vcpu::settle`]) and put it at `entry`. Nothing to do (no ioctl)
+    /// when the vCPU is still as the previous `restart_at(entry)` with the same entry left it:
+    /// it has not run since and nobody was given its fd, so KVM has changed none of its state.
+    pub(crate) fn restart_at(&mut self, entry: arch::Entry) -> Result<(), String> {
+        if *self.at_entry.get_mut() && self.entry == Some(entry) {
+            return Ok(());
+        }
+        *self.at_entry.get_mut() = false;
+        self.settle();
+        arch::set_entry(&self.fd, entry)?;
+        self.entry = Some(entry);
+        *self.at_entry.get_mut() = true;
+        Ok(())
+    }
+
+    /// One bare pread of the binary stats into `buf` (the raw-ioctl floor); false if there is
+    /// no stats fd or the read failed.
+    pub(crate) fn read_stats_raw(&self, buf: &mut [u8]) -> bool {
+        self.stats.as_ref().is_some_and(|s| s.read_raw(buf))
+    }
+
+    /// `insn_emulation` and `exits` now (None where the kernel has no such statistic or the
+    /// read failed): the two counters the execution-mode evidence needs, with one pread and no
+    /// allocation.
+    #[must_use]
+    pub fn mode_counters(&self) -> [Option<u64>; 2] {
+        let mut out = [None; 2];
+        if let Some(s) = &self.stats {
+            s.read_sums(&self.mode_at, &mut out);
+        }
+        out
     }
 
     /// Binary stats now (empty if the kernel has no stats fd).
@@ -196,6 +251,7 @@ impl Vcpu {
     /// Enter KVM_RUN once with `immediate_exit` set, so any I/O the last exit left pending is
     /// completed before registers are replaced.
     pub fn settle(&mut self) {
+        *self.at_entry.get_mut() = false;
         self.fd.set_kvm_immediate_exit(1);
         let _ = self.fd.run();
         self.fd.set_kvm_immediate_exit(0);
@@ -262,6 +318,7 @@ impl Vcpu {
     }
 
     fn run_to_stop(&mut self, limits: RunLimits, kick: &Kick) -> Result<Stop, RunFailure> {
+        *self.at_entry.get_mut() = false;
         let start = Instant::now();
         let mut exits = 0u64;
         let mut unexplained = 0u64;
@@ -327,128 +384,14 @@ impl Vcpu {
     }
 }
 
-/// What the host closure of [`run_group`] can see while the vCPUs run.
-#[derive(Debug)]
-pub struct GroupMonitor<'a> {
-    state: &'a GroupState,
-}
-
-impl GroupMonitor<'_> {
-    /// How many vCPUs have not reported back yet.
-    #[must_use]
-    pub fn running(&self) -> usize {
-        self.state
-            .results
-            .lock()
-            .map_or(0, |r| r.iter().filter(|x| x.is_none()).count())
-    }
-}
-
-#[derive(Debug)]
-struct GroupState {
-    results: Mutex<Vec<Option<Result<Stop, RunFailure>>>>,
-    changed: Condvar,
-}
-
-const KICK_INTERVAL: Duration = Duration::from_millis(5);
-
-/// Run every vCPU in `vcpus` until it rings a doorbell or fails, each on its own thread, while
-/// `host` runs on the calling thread (use it to harvest concurrently; pass `|_| ()` for a plain
-/// stepped run). Returns `host`'s result and one result per vCPU, in order.
+/// Run every vCPU in `vcpus` until it rings a doorbell or fails, on `threads` (the machine's
+/// persistent vCPU threads), while `host` runs on the calling thread (use it to harvest
+/// concurrently). Returns `host`'s result and one result per vCPU, in order.
 pub fn run_group<R>(
+    threads: &mut VcpuThreads,
     vcpus: &mut [&mut Vcpu],
     limits: RunLimits,
     host: impl FnOnce(&GroupMonitor<'_>) -> R,
 ) -> (R, Vec<Result<Stop, RunFailure>>) {
-    let n = vcpus.len();
-    let state = GroupState {
-        results: Mutex::new(vec![None; n]),
-        changed: Condvar::new(),
-    };
-    let kicks: Vec<Kick> = (0..n).map(|_| Kick::default()).collect();
-    let signal_ok = kick::signal();
-    let host_result = std::thread::scope(|scope| {
-        for (i, vcpu) in vcpus.iter_mut().enumerate() {
-            let (state, kick) = (&state, &kicks[i]);
-            scope.spawn(move || {
-                kick.thread.store(kick::current_thread(), Ordering::Release);
-                let tid = kick::current_tid();
-                register_tid(tid);
-                kick.tid.store(tid, Ordering::Release);
-                kick.started.store(true, Ordering::Release);
-                let result = vcpu.run_to_stop(limits, kick);
-                if let Ok(mut results) = state.results.lock() {
-                    results[i] = Some(result);
-                }
-                state.changed.notify_all();
-            });
-        }
-        // The watchdog.
-        scope.spawn(|| {
-            let deadline = Instant::now() + limits.watchdog;
-            let Ok(mut results) = state.results.lock() else {
-                return;
-            };
-            loop {
-                if results.iter().all(Option::is_some) {
-                    return;
-                }
-                let now = Instant::now();
-                if now < deadline {
-                    results = match state.changed.wait_timeout(results, deadline - now) {
-                        Ok((r, _)) => r,
-                        Err(_) => return,
-                    };
-                    continue;
-                }
-                for (i, k) in kicks.iter().enumerate() {
-                    if results[i].is_none() {
-                        k.requested.store(true, Ordering::Release);
-                        if signal_ok.is_ok() && k.started.load(Ordering::Acquire) {
-                            // SAFETY: the thread stored its own id before setting `started`,
-                            // and it cannot have been joined: joins happen at the end of this
-                            // scope, which waits for this watchdog thread too.
-                            let _ = unsafe { kick::kick(k.thread.load(Ordering::Acquire)) };
-                        }
-                    }
-                }
-                results = match state.changed.wait_timeout(results, KICK_INTERVAL) {
-                    Ok((r, _)) => r,
-                    Err(_) => return,
-                };
-            }
-        });
-        host(&GroupMonitor { state: &state })
-    });
-    note_tids(
-        kicks
-            .iter()
-            .map(|k| k.tid.load(Ordering::Acquire))
-            .filter(|&t| t != 0),
-    );
-    let results = state
-        .results
-        .into_inner()
-        .unwrap_or_default()
-        .into_iter()
-        .enumerate()
-        .map(|(i, r)| {
-            r.unwrap_or_else(|| {
-                Err(RunFailure {
-                    vcpu: vcpus[i].id,
-                    kind: FailureKind::Ioctl {
-                        text: "vCPU thread panicked".into(),
-                    },
-                    backend: vcpus[i].backend,
-                    pc: None,
-                    cpl: None,
-                    last_exit: "none".into(),
-                    exits: 0,
-                    elapsed: Duration::ZERO,
-                    context: String::new(),
-                })
-            })
-        })
-        .collect();
-    (host_result, results)
+    threads.run_with(vcpus, limits, host)
 }

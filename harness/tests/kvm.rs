@@ -29,6 +29,8 @@ use trackcheck_harness::{
 mod budget;
 #[path = "kvm/fep.rs"]
 mod fep;
+#[path = "kvm/leak.rs"]
+mod leak;
 #[path = "kvm/memory.rs"]
 mod memory;
 #[path = "kvm/process.rs"]
@@ -210,7 +212,9 @@ fn run_big(mode: ExecutionMode) -> Check {
     })
 }
 
-fn misbehave(mode: ExecutionMode, what: Misbehaviour) -> Check {
+/// With `beside_host`, the segment runs under a host closure that itself waits for the vCPUs
+/// (as a concurrent harvest loop does): only the watchdog beside the closure can end a hang.
+fn misbehave(mode: ExecutionMode, what: Misbehaviour, beside_host: bool) -> Check {
     let program = Program::new(
         4,
         vec![
@@ -229,11 +233,20 @@ fn misbehave(mode: ExecutionMode, what: Misbehaviour) -> Check {
     m.set_watchdog(Duration::from_millis(700));
     m.load(&program)?;
     let start = Instant::now();
-    let result = m.run();
+    let result = if beside_host {
+        // Gives up after 5 s, so a missing watchdog fails the time bound below, not hangs.
+        m.run_with(|view| {
+            while view.running() > 0 && start.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+        .1
+    } else {
+        m.run()
+    };
     let elapsed = start.elapsed();
-    ensure(elapsed < Duration::from_secs(10), || {
-        format!("run took {elapsed:?}")
-    })?;
+    let bound = Duration::from_secs(if beside_host { 5 } else { 10 });
+    ensure(elapsed < bound, || format!("run took {elapsed:?}"))?;
     let Err(MachineError::Run(failures)) = result else {
         return Err(format!("a misbehaving guest was not reported: {result:?}").into());
     };
@@ -446,8 +459,17 @@ fn kvm_trials(host: &HostProfile) -> Vec<Trial> {
             Misbehaviour::ExitStorm,
         ] {
             let name = format!("watchdog::{}::{mode}", format!("{what:?}").to_lowercase());
-            add(name, skip.clone(), Box::new(move || misbehave(mode, what)));
+            add(
+                name,
+                skip.clone(),
+                Box::new(move || misbehave(mode, what, false)),
+            );
         }
+        add(
+            format!("watchdog::hang_beside_host::{mode}"),
+            skip.clone(),
+            Box::new(move || misbehave(mode, Misbehaviour::Hang, true)),
+        );
     }
     let native = mode_support(host, ExecutionMode::Native)
         .reason()
@@ -510,6 +532,11 @@ fn kvm_trials(host: &HostProfile) -> Vec<Trial> {
         "machine::no_fd_leak".into(),
         native.clone(),
         Box::new(no_fd_leak),
+    );
+    add(
+        "machine::no_leak_over_many_cases".into(),
+        native.clone(),
+        Box::new(leak::no_leak_over_many_cases),
     );
     let is_root = std::fs::metadata("/proc/self")
         .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)

@@ -225,19 +225,7 @@ fn bench(args: BenchArgs) -> ExitCode {
                     host.kernel.release,
                     option_env!("TRACKCHECK_GIT_REV").unwrap_or("unknown")
                 );
-                println!("{} mode, ms as min/median/max", h.mode);
-                println!(
-                    "fresh machine + load   {:>8.3} {:>8.3} {:>8.3}",
-                    h.fresh_machine.min_ms, h.fresh_machine.median_ms, h.fresh_machine.max_ms
-                );
-                println!(
-                    "reuse: load + reset    {:>8.3} {:>8.3} {:>8.3}",
-                    h.reuse.min_ms, h.reuse.median_ms, h.reuse.max_ms
-                );
-                println!(
-                    "stepped 16-page cases  {:.0} cases/s over {} cases (machine reused, oracle on)",
-                    h.cases_per_second, h.cases
-                );
+                print!("{}", h.text());
                 if let Some(path) = &args.json
                     && let Err(e) = write_json(path, &h)
                 {

@@ -18,6 +18,7 @@
 mod caps;
 mod config;
 mod error;
+mod floor;
 mod layout;
 mod run;
 mod slots;
@@ -26,6 +27,7 @@ mod x86_64;
 
 pub use config::MachineConfig;
 pub use error::MachineError;
+pub use floor::FloorCase;
 pub use layout::SystemLayout;
 pub use run::{RunView, VcpuState};
 pub use slots::{CONTROL_SLOT, DATA_SLOT, MAX_DATA_SLOTS, SYSTEM_SLOT};
@@ -46,14 +48,28 @@ use crate::mode::{self, ModeEvidence, ModePlan};
 use crate::sys::dirty::DirtyRing;
 use crate::sys::stats::StatsSnapshot;
 use crate::track::{TrackCtx, TrackError, TrackSource, Tracker};
-use crate::vcpu::{RunLimits, Vcpu};
+use crate::vcpu::{RunLimits, Vcpu, VcpuThreads};
 use crate::vm::{Memslot, Vm};
 
 use layout::LeafTables;
 
+/// The backend facts a machine uses (which backend, whether PML is on), probed once per
+/// process: they are fixed while the KVM module is loaded (which module it is, and its
+/// read-only `enable_pml`), and probing reads some forty files under /sys and /proc.
+fn backend_facts() -> &'static host::Backend {
+    static FACTS: std::sync::OnceLock<host::Backend> = std::sync::OnceLock::new();
+    FACTS.get_or_init(host::probe_backend)
+}
+
+/// `insn_emulation` and `exits` of each vCPU at one moment (see [`Machine::mode_counters`]).
+#[derive(Clone, Copy, Debug)]
+pub struct ModeCounters([[Option<u64>; 2]; MAX_VCPUS]);
+
 /// A VM with the trackcheck guest layout.
 #[derive(Debug)]
 pub struct Machine {
+    /// The vCPU threads: joined first when the machine is dropped.
+    threads: VcpuThreads,
     config: MachineConfig,
     plan: ModePlan,
     backend: BackendKind,
@@ -102,7 +118,7 @@ impl Machine {
                 config.data_pages
             )));
         }
-        let backend_facts = host::probe_backend();
+        let backend_facts = backend_facts();
         let backend = backend_facts.kind;
         let plan =
             mode::plan(config.mode, backend).map_err(|reason| MachineError::Unsupported {
@@ -110,7 +126,7 @@ impl Machine {
                 reason,
             })?;
         let mut vm = Vm::new()?;
-        caps::enable_tracking_caps(&vm, &config, &backend_facts)?;
+        caps::enable_tracking_caps(&vm, &config, backend_facts)?;
         if config.guest_page_size == GuestPageSize::Size1G {
             let facts = arch::guest_cpu_facts(vm.kvm()).map_err(MachineError::Config)?;
             if !facts.pages_1g {
@@ -140,6 +156,7 @@ impl Machine {
         let ring_full = vcpus.iter().map(Vcpu::ring_full_counter).collect();
         let states = vec![VcpuState::Idle; config.vcpus];
         Ok(Self {
+            threads: VcpuThreads::new(config.vcpus),
             config,
             plan,
             backend,
@@ -251,6 +268,40 @@ impl Machine {
     #[must_use]
     pub fn vm_stats(&self) -> StatsSnapshot {
         self.vm.stats()
+    }
+
+    /// The counters [`Machine::mode_evidence_between`] needs (`insn_emulation`, `exits` of
+    /// every vCPU), read without allocating: what a stepped case reads instead of two full
+    /// [`Machine::vcpu_stats`] snapshots.
+    #[must_use]
+    pub fn mode_counters(&self) -> ModeCounters {
+        let mut c = ModeCounters([[None; 2]; MAX_VCPUS]);
+        for (slot, v) in c.0.iter_mut().zip(&self.vcpus) {
+            *slot = v.mode_counters();
+        }
+        c
+    }
+
+    /// [`Machine::mode_evidence`] from two [`Machine::mode_counters`] readings: the same
+    /// totals (per vCPU the saturating difference where both readings have the counter; None
+    /// where no vCPU has it).
+    #[must_use]
+    pub fn mode_evidence_between(
+        &self,
+        before: &ModeCounters,
+        after: &ModeCounters,
+        writes: u64,
+    ) -> ModeEvidence {
+        let total = |k: usize| {
+            before
+                .0
+                .iter()
+                .zip(&after.0)
+                .take(self.vcpus.len())
+                .filter_map(|(b, a)| Some(a[k]?.saturating_sub(b[k]?)))
+                .reduce(|x, y| x + y)
+        };
+        ModeEvidence::new(self.config.mode, writes, total(0), total(1))
     }
 
     /// Evidence of the execution mode between two `vcpu_stats()` snapshots, for `writes`

@@ -15,7 +15,7 @@ use crate::memory::GuestMemory;
 use crate::mode;
 use crate::sys::dirty::DirtyRing;
 use crate::track::{TrackCtx, TrackSource};
-use crate::vcpu::{GroupMonitor, Stop, Vcpu, run_group};
+use crate::vcpu::{GroupMonitor, RunFailure, Stop, Vcpu};
 use crate::vm::{Vm, VmError};
 
 use super::slots::{CONTROL_SLOT, SYSTEM_SLOT, control_field, fixed_slot};
@@ -210,8 +210,8 @@ impl Machine {
         control_mem.zero(0, self.config.vcpus as u64 * PAGE_SIZE);
         let threads = self.compiled.len();
         for (i, vcpu) in self.vcpus.iter_mut().enumerate() {
-            vcpu.settle();
             if i >= threads {
+                vcpu.settle();
                 self.states[i] = VcpuState::Idle;
                 continue;
             }
@@ -221,7 +221,7 @@ impl Machine {
                 stack_top: self.layout.stacks + (i as u64 + 1) * PAGE_SIZE,
                 page_table_root: self.root,
             };
-            arch::set_entry(vcpu.fd(), entry)
+            vcpu.restart_at(entry)
                 .map_err(|text| MachineError::Vcpu { vcpu: i, text })?;
             self.states[i] = VcpuState::Ready(None);
         }
@@ -245,7 +245,7 @@ impl Machine {
     /// Run every ready vCPU to its next stop. Returns (vCPU, stop) for each that ran; if any
     /// failed, every failure (with its program context) is the error.
     pub fn run(&mut self) -> Result<Vec<(usize, Stop)>, MachineError> {
-        self.run_with(|_| ()).1
+        self.run_plain()
     }
 
     /// Like [`Machine::run`], with `host` running on this thread while the vCPUs run; it sees
@@ -281,7 +281,7 @@ impl Machine {
             .filter(|(i, _)| ready.contains(i))
             .map(|(_, v)| v)
             .collect();
-        let (r, results) = run_group(&mut selected, limits, |monitor| {
+        let (r, results) = self.threads.run_with(&mut selected, limits, |monitor| {
             host(&RunView {
                 vm,
                 data,
@@ -290,13 +290,39 @@ impl Machine {
                 monitor,
             })
         });
+        drop(selected);
+        (r, self.settle_results(&ready, results))
+    }
+
+    /// [`Machine::run`]: the ready vCPUs to their next stop, nothing running alongside (the
+    /// calling thread is the watchdog; no thread is started).
+    fn run_plain(&mut self) -> Result<Vec<(usize, Stop)>, MachineError> {
+        let ready: Vec<usize> = (0..self.vcpus.len())
+            .filter(|&i| matches!(self.states[i], VcpuState::Ready(_)))
+            .collect();
+        let limits = self.config.limits;
+        let mut selected: Vec<&mut Vcpu> = self
+            .vcpus
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| ready.contains(i))
+            .map(|(_, v)| v)
+            .collect();
+        let results = self.threads.run(&mut selected, limits);
+        drop(selected);
+        self.settle_results(&ready, results)
+    }
+
+    /// Update each vCPU's state from its result.
+    fn settle_results(
+        &mut self,
+        ready: &[usize],
+        results: Vec<Result<Stop, RunFailure>>,
+    ) -> Result<Vec<(usize, Stop)>, MachineError> {
         if ready.is_empty() {
-            return (
-                r,
-                Err(MachineError::Program(
-                    "no vCPU is ready to run (load a program, or restart)".into(),
-                )),
-            );
+            return Err(MachineError::Program(
+                "no vCPU is ready to run (load a program, or restart)".into(),
+            ));
         }
         let mut stops = Vec::new();
         let mut failures = Vec::new();
@@ -328,9 +354,9 @@ impl Machine {
             }
         }
         if failures.is_empty() {
-            (r, Ok(stops))
+            Ok(stops)
         } else {
-            (r, Err(MachineError::Run(failures)))
+            Err(MachineError::Run(failures))
         }
     }
 

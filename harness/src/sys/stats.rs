@@ -172,6 +172,66 @@ impl StatsFd {
         self.descs.iter().map(|d| d.name.clone()).collect()
     }
 
+    /// Read the raw data block into the start of `buf` (one pread; for the raw-ioctl floor).
+    /// Returns false if `buf` is too small or the read failed.
+    pub fn read_raw(&self, buf: &mut [u8]) -> bool {
+        buf.get_mut(..self.data_bytes)
+            .is_some_and(|b| self.file.read_exact_at(b, self.data_offset).is_ok())
+    }
+
+    /// Where statistic `name` is in the data block: (byte offset, number of values), for
+    /// [`StatsFd::read_sums`]. None if the kernel has no such statistic.
+    #[must_use]
+    pub fn locate(&self, name: &str) -> Option<(u64, u16)> {
+        self.descs
+            .iter()
+            .find(|d| d.name == name)
+            .map(|d| (d.offset, d.size))
+    }
+
+    /// The current value of each located statistic in `at` (histograms summed, as in
+    /// [`StatsFd::snapshot`]) into `out`, with one pread of the span they cover when it is
+    /// small, without allocating. A statistic that cannot be read is None.
+    pub fn read_sums(&self, at: &[Option<(u64, u16)>], out: &mut [Option<u64>]) {
+        const SPAN: usize = 1024;
+        let located = || at.iter().flatten();
+        let lo = located().map(|&(o, _)| o).min().unwrap_or(0);
+        let hi = located()
+            .map(|&(o, n)| o + 8 * u64::from(n))
+            .max()
+            .unwrap_or(0);
+        let mut buf = [0u8; SPAN];
+        let span = usize::try_from(hi - lo).unwrap_or(usize::MAX);
+        let read = span <= SPAN
+            && self
+                .file
+                .read_exact_at(&mut buf[..span], self.data_offset + lo)
+                .is_ok();
+        for (slot, loc) in out.iter_mut().zip(at) {
+            *slot = loc.and_then(|(o, n)| {
+                let bytes = usize::try_from(8 * u64::from(n)).ok()?;
+                let mut one = [0u8; SPAN];
+                let raw: &[u8] = if read {
+                    let start = usize::try_from(o - lo).ok()?;
+                    buf.get(start..start + bytes)?
+                } else {
+                    let b = one.get_mut(..bytes)?;
+                    self.file.read_exact_at(b, self.data_offset + o).ok()?;
+                    b
+                };
+                Some(
+                    raw.chunks_exact(8)
+                        .map(|c| {
+                            let mut w = [0u8; 8];
+                            w.copy_from_slice(c);
+                            u64::from_le_bytes(w)
+                        })
+                        .sum(),
+                )
+            });
+        }
+    }
+
     /// Read every statistic now.
     pub fn snapshot(&self) -> Result<StatsSnapshot, StatsError> {
         let mut data = vec![0u8; self.data_bytes];
@@ -243,6 +303,15 @@ mod tests {
         let mut later = snap.clone();
         later.0.insert("pages_4k".into(), 10);
         assert_eq!(later.delta(&snap).get("pages_4k"), Some(3));
+        // The allocation-free reader agrees with the snapshot.
+        let at = [
+            stats.locate("histo"),
+            stats.locate("pages_4k"),
+            stats.locate("missing"),
+        ];
+        let mut sums = [Some(99); 3];
+        stats.read_sums(&at, &mut sums);
+        assert_eq!(sums, [Some(6), Some(7), None]);
     }
 
     fn tempfile() -> File {

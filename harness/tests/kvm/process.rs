@@ -200,6 +200,7 @@ pub(super) fn child_main(role: &str) -> Result<(), Box<dyn std::error::Error>> {
                 Err(format!("fds: {before} before, {after} after three machines").into())
             }
         }
+        "many-cases" => super::leak::child(),
         other => Err(format!("unknown child role {other}").into()),
     }
 }

@@ -13,6 +13,8 @@ use trackcheck_harness::machine::{Machine, RunView};
 use trackcheck_harness::oracle::{CollectContext, Ledger, Shadow};
 use trackcheck_harness::track::{PageSet, Step, TrackError, TrackSource, Tracker, harvest};
 
+use super::phase::{self, Phase};
+
 /// What an oracle learns from one harvest.
 pub(super) trait HarvestOracle {
     /// Pages the next collect must report, where the oracle knows them (asked before it).
@@ -63,12 +65,17 @@ where
     if let Some(stake) = oracle.at_stake() {
         tracker.note_at_stake(&stake);
     }
+    phase::mark(Phase::Oracle);
     harvest(tracker, src, out, |step, src, set| {
         match step {
-            Step::Collect => oracle.collected(src.data_region(), set),
+            Step::Collect => {
+                phase::mark(Phase::Collect);
+                oracle.collected(src.data_region(), set);
+            }
             Step::Copy => oracle.copied(src.data_region(), set),
-            Step::Rearm => {}
+            Step::Rearm => phase::mark(Phase::Rearm),
         }
+        phase::mark(Phase::Oracle);
         between(step, src, oracle)
     })
 }

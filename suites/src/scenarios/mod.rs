@@ -18,6 +18,7 @@ mod huge;
 )]
 mod kvm_writes;
 mod memslot;
+pub(crate) mod phase;
 mod property;
 pub(crate) mod stepped;
 mod tables;

@@ -10,6 +10,7 @@ use trackcheck_harness::oracle::{CollectContext, ExtraRecord, LostPage, Shadow};
 use trackcheck_harness::track::{PageSet, Tracker, huge_unit_pages};
 
 use super::driver::{LedgerOracle, harvest_with};
+use super::phase::{self, Phase};
 use super::{Findings, TrialError, TrialTracker, check_mode};
 use crate::programs;
 use crate::spec::{Scenario, TrialSpec};
@@ -69,7 +70,9 @@ fn segment(m: &mut Machine, stalls: &mut u32, full: &mut [bool]) -> Result<(), T
         return Ok(());
     }
     let before = m.total_progress();
+    phase::mark(Phase::Oracle);
     let stops = m.run()?;
+    phase::mark(Phase::Run);
     for (v, stop) in &stops {
         if *stop == Stop::RingFull
             && let Some(f) = full.get_mut(*v)
@@ -160,8 +163,11 @@ pub(crate) fn drive_loaded(
     tracker: &mut dyn Tracker,
     race: bool,
 ) -> Result<SteppedRun, TrialError> {
-    let before = m.vcpu_stats();
+    phase::mark(Phase::Oracle);
+    let before = m.mode_counters();
+    phase::mark(Phase::Stats);
     m.attach(tracker)?;
+    phase::mark(Phase::Attach);
     let layout = m.data_layout();
     let huge = huge_unit_pages(tracker, m.vm(), DATA_SLOT);
     let mut ledger = Ledger::new(program, layout.clone(), tracker.allowances());
@@ -186,7 +192,9 @@ pub(crate) fn drive_loaded(
         st.harvest(m, tracker, race)?;
     }
     st.harvest(m, tracker, false)?; // final: every vCPU is done (or stuck)
-    let after = m.vcpu_stats();
+    phase::mark(Phase::Oracle);
+    let after = m.mode_counters();
+    phase::mark(Phase::Stats);
     let rounds = st.oracle.ledger.report().rounds;
     let mut findings = Findings::default();
     if st.stalls >= STALL_LIMIT {
@@ -206,7 +214,7 @@ pub(crate) fn drive_loaded(
             rounds,
         ));
     }
-    let evidence = m.mode_evidence(&before, &after, m.writes_done());
+    let evidence = m.mode_evidence_between(&before, &after, m.writes_done());
     findings.evidence.push(evidence.summary());
     findings.evidence.push(format!(
         "{} writes to {} distinct pages over {} harvests",
@@ -231,6 +239,7 @@ pub(crate) fn drive_loaded(
             .and_then(|r| st.full_by_round.get(r))
             .and_then(|f| f.get(lost.vcpu).copied());
     }
+    phase::mark(Phase::Oracle);
     Ok(SteppedRun {
         extras: st.oracle.ledger.extras_log.take().unwrap_or_default(),
         findings,
