@@ -1,0 +1,92 @@
+//! Exhaustive bounds, mutants and cost claims of every design.
+
+use super::explore::{exhaustive, sample};
+use super::scenarios;
+use super::{designs, mutants};
+
+#[test]
+fn every_design_loses_nothing_within_the_exhaustive_bounds() {
+    for d in designs() {
+        for s in scenarios::exhaustive() {
+            let r = exhaustive(d.as_ref(), &s.setup);
+            println!(
+                "{} {}: {} states, {} schedules in {:.2}s ({})",
+                d.name(),
+                s.name,
+                r.states,
+                r.schedules,
+                r.seconds,
+                r.bound
+            );
+            if let Some(c) = &r.counterexample {
+                panic!("{} {} loses a write:\n{c}", d.name(), s.name);
+            }
+            assert!(r.schedules > 1 && r.states > 1);
+        }
+    }
+}
+
+#[test]
+fn every_mutant_is_caught_with_a_minimal_schedule() {
+    for m in mutants() {
+        let caught = scenarios::exhaustive().into_iter().find_map(|s| {
+            exhaustive(m.as_ref(), &s.setup)
+                .counterexample
+                .map(|c| (s.name, c))
+        });
+        let Some((scenario, c)) = caught else {
+            panic!("mutant {} is not caught by any scenario", m.name());
+        };
+        println!("{} caught in {scenario}:\n{c}", m.name());
+        assert!(c.verdict.starts_with("lost"), "{}: {}", m.name(), c.verdict);
+    }
+}
+
+#[test]
+fn proptest_finds_and_shrinks_a_mutant_and_passes_the_designs() {
+    let s = &scenarios::exhaustive()[0];
+    for d in designs() {
+        assert_eq!(sample(d.as_ref(), &s.setup, 64), None, "{}", d.name());
+    }
+    let m = &mutants()[0];
+    let c = sample(m.as_ref(), &s.setup, 512).expect("proptest finds the mutant");
+    println!("{} by proptest:\n{c}", m.name());
+    assert!(c.verdict.starts_with("lost"));
+}
+
+#[test]
+fn cost_figures() {
+    use super::baseline::Baseline;
+    use super::dbm::Dbm;
+    use super::genwp::GenWp;
+    use super::pml::Pml;
+    for pages in [4, 16, 64] {
+        for d in [
+            &Baseline::default() as &dyn super::Design,
+            &Pml::default(),
+            &GenWp::default(),
+            &Dbm::default(),
+        ] {
+            let c = scenarios::costs(d, pages, false).expect("no loss");
+            println!("{pages:>3} pages {:<10} {c:?}", d.name());
+        }
+    }
+}
+
+#[test]
+fn every_model_trial_passes_and_names_its_bound() {
+    for t in super::trials::all()
+        .into_iter()
+        .filter(|t| !matches!(t.check, super::trials::Check::Exhaustive(2)))
+    {
+        let r = super::trials::run(t);
+        print!("{}", super::trials::text(std::slice::from_ref(&r)));
+        assert_eq!(
+            r.verdict,
+            crate::trial::Verdict::Pass,
+            "{}: {:?}",
+            r.name,
+            r.reason
+        );
+    }
+}
