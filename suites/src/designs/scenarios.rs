@@ -71,7 +71,7 @@ pub fn exhaustive() -> Vec<Scenario> {
             setup: Setup::new(&two, small(4, 2), true, 1),
         },
         Scenario {
-            name: "2v4p-long-2rounds",
+            name: "2v4p-huge-long-2rounds",
             setup: Setup::new(&long, small(4, 2), true, 2),
         },
         Scenario {

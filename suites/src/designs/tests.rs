@@ -90,3 +90,34 @@ fn every_model_trial_passes_and_names_its_bound() {
         );
     }
 }
+
+#[test]
+fn the_state_hash_mirror_agrees_with_the_ledger_on_every_step() {
+    use super::world::{World, host_program};
+    use proptest::strategy::{Strategy, ValueTree};
+    use proptest::test_runner::TestRunner;
+    let mut runner = TestRunner::deterministic();
+    for d in designs() {
+        for s in scenarios::exhaustive() {
+            let program = host_program(d.as_ref(), s.setup.rounds);
+            for _ in 0..32 {
+                let choices = super::explore::schedules(200)
+                    .new_tree(&mut runner)
+                    .expect("strategy")
+                    .current();
+                let mut w = World::new(&s.setup);
+                let mut i = 0;
+                loop {
+                    assert!(w.mirror_agrees(), "{} {} step {i}", d.name(), s.name);
+                    let actors = w.enabled(&s.setup, &program);
+                    if actors.is_empty() {
+                        break;
+                    }
+                    let a = actors[choices.get(i).map_or(0, |&c| usize::from(c) % actors.len())];
+                    w.step(d.as_ref(), &s.setup, &program, a);
+                    i += 1;
+                }
+            }
+        }
+    }
+}

@@ -282,3 +282,35 @@ pub fn text(results: &[ModelResult]) -> String {
     }
     out
 }
+
+/// `trackcheck run`'s model part: run `trials`, print their table when `print` (text output;
+/// otherwise a one-line summary on stderr), write `model-report.txt` and `model-report.json`
+/// into `out`. Returns whether every trial passed.
+pub fn run_for_cli(trials: &[ModelTrial], out: &std::path::Path, print: bool) -> bool {
+    let results: Vec<ModelResult> = trials.iter().map(|&t| run(t)).collect();
+    let table = text(&results);
+    let failed = results
+        .iter()
+        .filter(|r| r.verdict != Verdict::Pass)
+        .count();
+    if print {
+        print!("{table}");
+    } else {
+        eprintln!(
+            "trackcheck: {} model trial(s), {failed} failed (see {})",
+            results.len(),
+            out.join("model-report.txt").display()
+        );
+    }
+    let json = serde_json::to_string_pretty(&results).unwrap_or_default();
+    let wrote = std::fs::create_dir_all(out)
+        .and_then(|()| std::fs::write(out.join("model-report.txt"), &table))
+        .and_then(|()| std::fs::write(out.join("model-report.json"), &json));
+    if let Err(e) = wrote {
+        eprintln!(
+            "trackcheck: cannot write the model report to {}: {e}",
+            out.display()
+        );
+    }
+    failed == 0
+}

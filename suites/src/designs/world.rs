@@ -265,6 +265,17 @@ impl World {
         (u128::from(a.finish()) << 64) | u128::from(b.finish())
     }
 
+    /// Whether the state-hashing mirror of the oracle agrees with the ledger: the pages the
+    /// next collect must report are those written since their copy and not awaiting one.
+    #[must_use]
+    pub fn mirror_agrees(&self) -> bool {
+        let at_stake = self.ledger.at_stake();
+        (0..self.mmu.geo.pages).all(|p| {
+            let mine = self.unsynced & !self.pending & bit(p) != 0;
+            mine == at_stake.contains(0, p as u64)
+        })
+    }
+
     /// Whether a loss was found.
     #[must_use]
     pub fn lost(&self) -> bool {
