@@ -53,6 +53,14 @@ pub struct Counterexample {
     pub verdict: String,
 }
 
+impl Counterexample {
+    /// The oracle found a loss (a lost write or an access reported idle), not a deadlock.
+    #[must_use]
+    pub fn is_loss(&self) -> bool {
+        self.verdict.starts_with("lost") || self.verdict.starts_with("missed access")
+    }
+}
+
 impl fmt::Display for Counterexample {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, l) in self.lines.iter().enumerate() {
@@ -98,6 +106,12 @@ pub fn replay(design: &dyn Design, setup: &Setup, schedule: &[Actor]) -> Counter
     }
     let verdict = match (w.ledger.report().lost.first(), w.finished(setup, &program)) {
         (Some(l), _) => format!("lost: {l}"),
+        (None, _) if w.access.first_miss.is_some() => {
+            format!(
+                "missed access: {}",
+                w.access.first_miss.clone().unwrap_or_default()
+            )
+        }
         (None, Err(e)) => e,
         (None, Ok(true)) => "no loss".to_string(),
         (None, Ok(false)) => "unfinished, no loss yet".to_string(),

@@ -6,11 +6,14 @@
 //! Not to be confused with `crate::model`, the proptest state machine of host/guest
 //! interleavings against real KVM.
 
+pub mod access;
 pub mod baseline;
 pub mod dbm;
 pub mod explore;
 pub mod genwp;
+pub mod idle;
 pub mod mmu;
+pub mod ops;
 pub mod pml;
 pub mod scenarios;
 pub mod trials;
@@ -29,6 +32,7 @@ pub fn designs() -> Vec<Box<dyn Design>> {
         Box::new(pml::Pml::default()),
         Box::new(genwp::GenWp::default()),
         Box::new(dbm::Dbm::default()),
+        Box::new(idle::Idle::default()),
     ]
 }
 
@@ -47,6 +51,9 @@ pub fn mutants() -> Vec<Box<dyn Design>> {
     }
     for m in dbm::Dbm::MUTANTS {
         out.push(Box::new(dbm::Dbm { mutant: Some(m) }));
+    }
+    for m in idle::Idle::MUTANTS {
+        out.push(Box::new(idle::Idle { mutant: Some(m) }));
     }
     out
 }

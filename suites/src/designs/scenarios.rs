@@ -124,7 +124,8 @@ pub fn stepped(design: &dyn Design, setup: &Setup) -> Result<World, String> {
     let mut phase = 0;
     let mut logging = false;
     loop {
-        if w.lost() {
+        // Access misses are counted (`World::access`), not a reason to stop.
+        if !w.ledger.report().lost.is_empty() {
             let l = w.ledger.report().lost.first().map(ToString::to_string);
             return Err(format!("lost: {}", l.unwrap_or_default()));
         }
@@ -132,7 +133,10 @@ pub fn stepped(design: &dyn Design, setup: &Setup) -> Result<World, String> {
         if actors.is_empty() {
             return w.finished(setup, &program).map(|_| w);
         }
-        let at_get = program.get(w.host.0) == Some(&HostOp::GetBegin);
+        let at_get = matches!(
+            program.get(w.host.0),
+            Some(HostOp::GetBegin | HostOp::ScanBegin)
+        );
         let vcpu = actors.iter().copied().find(|a| match *a {
             Actor::Vcpu(v) => logging && w.vcpus[v].0 < share[v] * (phase + 1),
             Actor::Host => false,

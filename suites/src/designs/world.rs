@@ -19,72 +19,9 @@ use trackcheck_guests::sim::{Event, ThreadEvents};
 use trackcheck_harness::oracle::{CollectContext, DataLayout, Ledger};
 use trackcheck_harness::track::PageSet;
 
+use super::access::AccessOracle;
 use super::mmu::{Geometry, Holder, Mmu, Walk, WalkKind, bit, bits};
-
-/// One step of the host thread. Ops ending in `Next` walk a page set one page per step.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum HostOp {
-    /// Take `mmu_lock` (waits while a vCPU holds it).
-    Lock,
-    /// Release `mmu_lock`.
-    Unlock,
-    /// Enable logging on the next page (the design says how), one page per step.
-    EnableNext,
-    /// Flush every vCPU's TLB (waits for instructions in flight).
-    FlushTlbs,
-    /// The migration's first full copy: every page's content is synced.
-    CopyAll,
-    /// GET_DIRTY_LOG starts: the collect point.
-    GetBegin,
-    /// Kick every vCPU out of the guest; each flushes its PML buffer into the bitmap.
-    KickPml,
-    /// Sync hardware dirty state of the next page the design scans (DBM), one per step.
-    SyncNext,
-    /// Read the dirty bitmap; `clear`: and clear it (GET without manual protect or write
-    /// protect: an atomic exchange).
-    Get {
-        /// Clear the bitmap while reading it.
-        clear: bool,
-    },
-    /// GET_DIRTY_LOG returns: the oracle judges the report.
-    GetEnd,
-    /// CLEAR_DIRTY_LOG on the next reported page, one per step (under `mmu_lock`).
-    ClearNext,
-    /// Copy the reported pages' contents.
-    Copy,
-    /// Write-protect all memory at once (seed 004): bump the generation, kick every vCPU
-    /// (waits for instructions in flight), flush TLBs, request root reloads.
-    WpAll,
-    /// As `WpAll` without the kick: no TLB flush, no wait (a mutant).
-    WpAllNoKick,
-    /// Wait until every vCPU finished (the final round runs with the guest paused).
-    WaitDone,
-}
-
-/// Model step costs, counted over a run (not part of the explored state).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Costs {
-    /// Leaf or huge entries the host changed to write-protect or clear D (enable + rearm).
-    pub protect_entries: u64,
-    /// Host steps spent write-protecting (enable + rearm + write-protect-all).
-    pub protect_steps: u64,
-    /// Entries the host read while syncing hardware dirty state.
-    pub sync_scanned: u64,
-    /// Write faults the vCPUs took (each is a VM exit).
-    pub faults: u64,
-    /// PML-full exits.
-    pub pml_full_exits: u64,
-    /// Kicks the host sent to collect PML buffers (one exit per vCPU each).
-    pub kick_exits: u64,
-    /// Writes the hardware logged without an exit (PML appends, DBM hardware dirty).
-    pub hw_logged: u64,
-    /// Root entries made read-only at reload (seed 004).
-    pub root_entries: u64,
-    /// Leaf entries made read-only pushing a root's protection down (seed 004).
-    pub pushed_down: u64,
-    /// Stores the vCPUs made.
-    pub writes: u64,
-}
+pub use super::ops::{Costs, HostOp};
 
 /// A tracking design: what KVM does at each point the hardware or the host hands it.
 pub trait Design: std::fmt::Debug + Send + Sync {
@@ -117,6 +54,10 @@ pub trait Design: std::fmt::Debug + Send + Sync {
     fn sync_page(&self, _m: &mut Mmu, _page: usize, _c: &mut Costs) {}
     /// Root reload on `vcpu` after a write-protect-all request (under `mmu_lock`).
     fn reload(&self, _m: &mut Mmu, _vcpu: usize, _c: &mut Costs) {}
+    /// An idle-page scan reads `page`: whether it was accessed (the design may clear A).
+    fn scan_page(&self, _m: &mut Mmu, _page: usize) -> bool {
+        false
+    }
 }
 
 /// Where a vCPU stands.
@@ -207,6 +148,8 @@ pub struct World {
     pending: u64,
     /// The stepped oracle.
     pub ledger: Ledger<'static>,
+    /// The access lower bound (idle-page scans).
+    pub access: AccessOracle,
     /// Counters.
     pub costs: Costs,
 }
@@ -241,6 +184,7 @@ impl World {
             unsynced: 0,
             pending: 0,
             ledger: Ledger::without_program(DataLayout::single(0, pages), &[]),
+            access: AccessOracle::default(),
             costs: Costs::default(),
         }
     }
@@ -260,6 +204,7 @@ impl World {
             self.in_get.hash(h);
             self.unsynced.hash(h);
             self.pending.hash(h);
+            self.access.hash(h);
             self.queued.iter().map(|q| q.1).collect::<Vec<_>>().hash(h);
         }
         (u128::from(a.finish()) << 64) | u128::from(b.finish())
@@ -276,10 +221,10 @@ impl World {
         })
     }
 
-    /// Whether a loss was found.
+    /// Whether a loss (a lost write, or an access reported idle) was found.
     #[must_use]
     pub fn lost(&self) -> bool {
-        !self.ledger.report().lost.is_empty()
+        !self.ledger.report().lost.is_empty() || self.access.first_miss.is_some()
     }
 
     fn boundary(&self) -> bool {
@@ -344,6 +289,7 @@ impl World {
     }
 
     fn record(&mut self, vcpu: usize, page: usize) {
+        self.access.touch(page);
         self.seqs[vcpu] += 1;
         self.costs.writes += 1;
         let w = (vcpu, page, self.seqs[vcpu]);
@@ -422,6 +368,7 @@ impl World {
                     return format!("vCPU{v} writes page {page} (TLB hit)");
                 }
                 if !write && self.mmu.tlb(v, page).is_some() {
+                    self.access.touch(page);
                     self.vcpus[v].0 += 1;
                     return format!("vCPU{v} reads page {page} (TLB hit)");
                 }
@@ -435,6 +382,7 @@ impl World {
                         if write {
                             self.vcpus[v].1 = VState::Mid;
                         } else {
+                            self.access.touch(page);
                             self.vcpus[v].0 += 1;
                         }
                     }
@@ -524,6 +472,14 @@ impl World {
                 format!("host copies {}", pages(self.reported, all))
             }
             HostOp::WaitDone => "host waits for the vCPUs to stop".to_string(),
+            HostOp::ScanBegin => {
+                self.access.scan_begin();
+                "host idle scan begins".to_string()
+            }
+            HostOp::ScanEnd => {
+                self.access.scan_end();
+                "host idle scan ends".to_string()
+            }
             HostOp::WpAll | HostOp::WpAllNoKick => {
                 self.mmu.generation = self.mmu.generation.wrapping_add(1);
                 self.mmu.reload = bit(self.mmu.geo.vcpus) - 1;
@@ -534,9 +490,9 @@ impl World {
                 self.costs.protect_steps += 1;
                 "host write-protects all memory (generation bump)".to_string()
             }
-            HostOp::EnableNext | HostOp::ClearNext | HostOp::SyncNext => {
+            HostOp::EnableNext | HostOp::ClearNext | HostOp::SyncNext | HostOp::ScanNext => {
                 let mask = match op {
-                    HostOp::EnableNext => all,
+                    HostOp::EnableNext | HostOp::ScanNext => all,
                     HostOp::ClearNext => self.reported,
                     _ => design.sync_set(&self.mmu),
                 };
@@ -555,6 +511,13 @@ impl World {
                         design.clear_page(&mut self.mmu, p, c);
                         format!("host CLEARs page {p}")
                     }
+                    HostOp::ScanNext => {
+                        c.sync_scanned += 1;
+                        let a = design.scan_page(&mut self.mmu, p);
+                        self.access.scan_page(p, a);
+                        let what = if a { "accessed" } else { "idle" };
+                        format!("host scan reads page {p}: {what}")
+                    }
                     _ => {
                         c.sync_scanned += 1;
                         design.sync_page(&mut self.mmu, p, c);
@@ -565,7 +528,7 @@ impl World {
         };
         if !matches!(
             op,
-            HostOp::EnableNext | HostOp::ClearNext | HostOp::SyncNext
+            HostOp::EnableNext | HostOp::ClearNext | HostOp::SyncNext | HostOp::ScanNext
         ) {
             self.host.0 += 1;
         }
