@@ -122,3 +122,21 @@ impl Design for Baseline {
         clear_and_protect(m, page, c);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::designs::scenarios::{cost_setup, stepped};
+
+    #[test]
+    fn four_neighbouring_pages_written_over_three_rounds_are_all_reported() {
+        let w = stepped(&Baseline::default(), &cost_setup(4, true)).expect("no loss");
+        let r = w.ledger.report();
+        assert!(r.lost.is_empty());
+        assert_eq!((r.written, r.rounds), (12, 3), "{r:?}");
+        let c = w.costs;
+        // Every write of a round faults once (write-protected at enable, then by CLEAR), and
+        // every fault's page is reported: 4 pages x 3 rounds.
+        assert_eq!((c.faults, c.hw_logged), (12, 0));
+    }
+}

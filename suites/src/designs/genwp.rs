@@ -121,3 +121,22 @@ impl Design for GenWp {
 
     fn clear_page(&self, _m: &mut Mmu, _page: usize, _c: &mut Costs) {}
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::designs::scenarios::{cost_setup, stepped};
+
+    #[test]
+    fn four_neighbouring_pages_written_over_three_rounds_are_all_reported() {
+        let w = stepped(&GenWp::default(), &cost_setup(4, true)).expect("no loss");
+        let r = w.ledger.report();
+        assert!(r.lost.is_empty());
+        assert_eq!((r.written, r.rounds), (12, 3), "{r:?}");
+        let c = w.costs;
+        // No entry is write-protected by the host; one write-protect-all per round (enable,
+        // 2 rounds, final) and the protection pushed down on the faults.
+        assert_eq!((c.protect_entries, c.protect_steps, c.faults), (0, 4, 12));
+        assert!(c.pushed_down > 0 && c.root_entries > 0);
+    }
+}

@@ -100,3 +100,21 @@ impl Design for Pml {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::designs::scenarios::{cost_setup, stepped};
+
+    #[test]
+    fn four_neighbouring_pages_written_over_three_rounds_are_all_reported() {
+        let w = stepped(&Pml::default(), &cost_setup(4, true)).expect("no loss");
+        let r = w.ledger.report();
+        assert!(r.lost.is_empty());
+        assert_eq!((r.written, r.rounds), (12, 3), "{r:?}");
+        let c = w.costs;
+        // No write faults: the hardware logs every first write of a round (D cleared by CLEAR);
+        // a PML buffer of 2 fills once per round of 4 writes.
+        assert_eq!((c.faults, c.hw_logged, c.pml_full_exits), (0, 12, 3));
+    }
+}
