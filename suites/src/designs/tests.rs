@@ -121,3 +121,20 @@ fn the_state_hash_mirror_agrees_with_the_ledger_on_every_step() {
         }
     }
 }
+
+#[test]
+fn schedules_are_counted_exactly() {
+    use super::idle::Idle;
+    use super::world::Setup;
+    use trackcheck_guests::{Op, Program, Thread};
+    // One vCPU making `n` reads through its warm TLB (one step each) against a host whose
+    // only step before waiting for the vCPU is the first copy: n + 1 interleavings.
+    for n in 1..5u64 {
+        let reads = (0..n).map(|p| Op::Read { page: p, offset: 0 }).collect();
+        let program = Program::new(4, vec![Thread::new(reads)]);
+        let setup = Setup::new(&program, scenarios::small(4, 1), false, 0);
+        let r = exhaustive(&Idle::default(), &setup);
+        assert_eq!(r.schedules, u128::from(n) + 1, "{n} reads");
+        assert!(r.counterexample.is_none());
+    }
+}

@@ -106,8 +106,11 @@ impl Setup {
             .vcpus
             .iter()
             .map(|t| {
+                assert!(
+                    trackcheck_guests::sim::segments(t).is_some(),
+                    "a model runs finite threads only (no UntilStopped loop)"
+                );
                 ThreadEvents::with_seq_base(t, program.seq_base)
-                    .take(10_000)
                     .filter_map(|e| match e {
                         Event::Write { page, .. } => Some((page, true)),
                         Event::Read { page, .. } => Some((page, false)),
