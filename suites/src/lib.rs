@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod compare;
+pub mod designs;
 pub mod env;
 pub mod golden;
 pub mod kernel_log;

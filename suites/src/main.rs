@@ -11,6 +11,7 @@ use trackcheck_harness::track::inject::Fault;
 use trackcheck_harness::{Backing, ExecutionMode, HostProfile};
 use trackcheck_suites::bench::{self, AccessOrder, BenchConfig, BenchReport, Sweep};
 use trackcheck_suites::compare;
+use trackcheck_suites::designs;
 use trackcheck_suites::env::EnvReport;
 use trackcheck_suites::golden::{self, Golden};
 use trackcheck_suites::report::RunReport;
@@ -357,7 +358,8 @@ fn main() -> ExitCode {
                 inject: inject_loss,
             };
             let specs = selection.specs();
-            if specs.is_empty() {
+            let models = model_trials(&selection);
+            if specs.is_empty() && models.is_empty() {
                 return fail_usage(&format!(
                     "no trial matches {:?} (trackcheck list shows them all)",
                     selection.filters
@@ -368,7 +370,18 @@ fn main() -> ExitCode {
                     "--bless records the conformance matrix; it cannot be combined with --inject-loss or --selftest",
                 );
             }
-            run(&specs, seed, format, &out, jobs, golden, bless, repeat)
+            let code = if specs.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                run(&specs, seed, format, &out, jobs, golden, bless, repeat)
+            };
+            // Model trials need no KVM and are the same on every host: not in the golden matrix.
+            if !models.is_empty()
+                && !designs::trials::run_for_cli(&models, &out, format == Format::Text)
+            {
+                return ExitCode::from(1);
+            }
+            code
         }
         Command::Bench(args) => bench(args),
         Command::Vm(args) => trackcheck_suites::vm::cli::main(*args, golden::default_dir()),
@@ -433,7 +446,8 @@ fn list(select: &Select) -> ExitCode {
         inject: None,
     };
     let specs = selection.specs();
-    if specs.is_empty() {
+    let models = model_trials(&selection);
+    if specs.is_empty() && models.is_empty() {
         return fail_usage(&format!(
             "no trial matches {:?} (trackcheck list shows them all)",
             select.filters
@@ -446,7 +460,19 @@ fn list(select: &Select) -> ExitCode {
             Err(reason) => println!("{}  # skip: {reason}", spec.name()),
         }
     }
+    for t in models {
+        println!("{}", t.name());
+    }
     ExitCode::SUCCESS
+}
+
+/// The model trials a selection names (none for self-tests or injected losses: the models
+/// carry their own known-bad variants).
+fn model_trials(selection: &Selection) -> Vec<designs::trials::ModelTrial> {
+    if selection.selftest || selection.inject.is_some() {
+        return Vec::new();
+    }
+    designs::trials::select(&selection.filters, selection.exact)
 }
 
 #[expect(

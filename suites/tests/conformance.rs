@@ -83,6 +83,16 @@ fn main() {
             .with_ignored_flag(ignored)
         })
         .collect();
+    // Models of designs no host runs: no KVM, the same verdict everywhere, not in the golden file.
+    for t in trackcheck_suites::designs::trials::all() {
+        trials.push(Trial::test(t.name(), move || {
+            let r = trackcheck_suites::designs::trials::run(t);
+            match r.reason {
+                None => Ok(()),
+                Some(why) => Err(format!("{why}\nevidence: {}", r.evidence.join(" | ")).into()),
+            }
+        }));
+    }
     // Golden entries that name no trial of the matrix are stale: the file needs a review.
     let names: std::collections::BTreeSet<String> = specs.iter().map(|s| s.name()).collect();
     let stale: Vec<String> = golden

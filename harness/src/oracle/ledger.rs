@@ -45,7 +45,7 @@ pub struct CollectContext {
 }
 
 /// The stepped oracle's state for one run of one program.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Ledger<'p> {
     layout: DataLayout,
     cursors: Vec<ThreadEvents<'p>>,
