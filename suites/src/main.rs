@@ -105,6 +105,10 @@ enum Command {
         /// failures).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
         repeat: u32,
+        /// Leave out the model trials (`model::`): they need no KVM and give the same result
+        /// on every host, so lanes leave them to the host that boots them.
+        #[arg(long)]
+        no_models: bool,
     },
     /// Time every phase of every mechanism (populate, enable, dirty pass, harvest, rearm,
     /// disable), optionally sweeping memory size, vCPUs or dirty ratio.
@@ -344,6 +348,7 @@ fn main() -> ExitCode {
             golden,
             bless,
             repeat,
+            no_models,
         } => {
             if let Some(n) = cases {
                 scenarios::set_cases(n);
@@ -358,7 +363,11 @@ fn main() -> ExitCode {
                 inject: inject_loss,
             };
             let specs = selection.specs();
-            let models = model_trials(&selection);
+            let models = if no_models {
+                Vec::new()
+            } else {
+                model_trials(&selection)
+            };
             if specs.is_empty() && models.is_empty() {
                 return fail_usage(&format!(
                     "no trial matches {:?} (trackcheck list shows them all)",

@@ -146,7 +146,7 @@ fn commands(config: &VmConfig) -> String {
         return format!(
             "trackcheck env --json > /lane/out/env.json\n\
              run env trackcheck env\n\
-             run matrix trackcheck run --golden /lane/golden/matrix --out /lane/out/matrix --format text{bless}\n\
+             run matrix trackcheck run --no-models --golden /lane/golden/matrix --out /lane/out/matrix --format text{bless}\n\
              run selftest trackcheck run --selftest --golden /lane/golden/matrix --out /lane/out/selftest --format text\n"
         );
     }
@@ -162,6 +162,11 @@ fn commands(config: &VmConfig) -> String {
             }
             if config.bless && !c.iter().any(|a| a == "--selftest" || a == "--bless") {
                 c.push("--bless".into());
+            }
+            // The model trials are the same on every host: the host that boots the lane runs
+            // them, unless the command names them.
+            if !c.iter().any(|a| a.contains("model::")) && !c.iter().any(|a| a == "--no-models") {
+                c.push("--no-models".into());
             }
         }
         for a in &c {
