@@ -368,7 +368,8 @@ pub fn run() -> Anchor {
             add(&mut a.total, c);
         }
     }
-    a.evidence.extend(skipped.iter().map(|s| format!("not run: {s}")));
+    a.evidence
+        .extend(skipped.iter().map(|s| format!("not run: {s}")));
     let t = &a.total;
     a.evidence.insert(
         0,
@@ -378,7 +379,10 @@ pub fn run() -> Anchor {
         ),
     );
     if ran == 0 {
-        a.skip = Some(format!("no anchor run possible here: {}", skipped.join("; ")));
+        a.skip = Some(format!(
+            "no anchor run possible here: {}",
+            skipped.join("; ")
+        ));
     } else if !lost.is_empty() {
         let why = format!("KVM lost {} write(s): {}", lost.len(), lost[0]);
         a.failure = Some((FailKind::Lost, why));

@@ -63,7 +63,10 @@ fn a_page_kvm_did_not_report_is_a_difference_named_as_a_loss() {
     let c = compare(&m, &kvm, &[], m.report.written);
     assert_eq!((c.equal, c.different), (8, 1), "{c:?}");
     let why = &c.differences[0];
-    assert!(why.contains(&format!("harvest 3: the model reported page {page}")), "{why}");
+    assert!(
+        why.contains(&format!("harvest 3: the model reported page {page}")),
+        "{why}"
+    );
     assert!(why.contains("KVM lost it"), "{why}");
 }
 
@@ -78,10 +81,18 @@ fn a_page_only_kvm_reported_needs_an_allowance_of_that_harvest() {
         page: 5,
         allowance,
     };
-    let c = compare(&m, &kvm, &[extra(Some(Allowance::InitiallySet))], m.report.written);
+    let c = compare(
+        &m,
+        &kvm,
+        &[extra(Some(Allowance::InitiallySet))],
+        m.report.written,
+    );
     assert_eq!(c.different, 0, "{c:?}");
     assert_eq!(c.allowed.get("initially-set"), Some(&1));
-    assert_eq!(c.equal, 8, "an allowed extra still makes the harvest unequal");
+    assert_eq!(
+        c.equal, 8,
+        "an allowed extra still makes the harvest unequal"
+    );
     for extras in [vec![extra(None)], vec![]] {
         let c = compare(&m, &kvm, &extras, m.report.written);
         assert_eq!(c.different, 1, "{c:?}");
@@ -155,5 +166,9 @@ fn the_baseline_agrees_with_kvm_here() {
     }
     assert_eq!(a.error, None);
     assert!(a.failure.is_none(), "{:?}", a.failure);
-    assert!(a.total.rounds > 0 && a.total.different == 0, "{:?}", a.total);
+    assert!(
+        a.total.rounds > 0 && a.total.different == 0,
+        "{:?}",
+        a.total
+    );
 }
