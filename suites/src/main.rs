@@ -460,7 +460,12 @@ fn list(select: &Select) -> ExitCode {
         }
     }
     for t in models {
-        println!("{}", t.name());
+        match (t.check, &host.kvm_unavailable) {
+            (designs::trials::Check::Anchor, Some(why)) => {
+                println!("{}  # skip: needs KVM: {why}", t.name());
+            }
+            _ => println!("{}", t.name()),
+        }
     }
     ExitCode::SUCCESS
 }

@@ -351,6 +351,10 @@ pub fn run() -> Anchor {
                 }
             };
             ran += 1;
+            if let Some(h) = kvm.findings.hazards.first() {
+                a.failure = Some((FailKind::Hazard, format!("{label} seed {seed}: {h}")));
+                return a;
+            }
             let r = &kvm.findings.report;
             lost.extend(r.lost.iter().map(|l| format!("{label} seed {seed}: {l}")));
             let c = compare(&model, &kvm.rounds, &kvm.extras, r.written);
