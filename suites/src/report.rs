@@ -93,7 +93,7 @@ impl RunReport {
     #[must_use]
     pub fn has_unexpected(&self) -> bool {
         !self.unattributed_kernel_log.is_empty()
-            || self.trials.iter().any(|t| match t.spec.inject {
+            || self.trials.iter().any(|t| match t.inject() {
                 Some(_) => {
                     !matches!(t.verdict, Verdict::Skip | Verdict::NotExercised) && !caught(t)
                 }
@@ -108,8 +108,7 @@ impl RunReport {
             .trials
             .iter()
             .filter(|t| {
-                t.spec.inject.is_some()
-                    && !matches!(t.verdict, Verdict::Skip | Verdict::NotExercised)
+                t.inject().is_some() && !matches!(t.verdict, Verdict::Skip | Verdict::NotExercised)
             })
             .collect();
         if injected.is_empty() {
@@ -323,7 +322,7 @@ pub fn judge_selftest(t: &TrialResult) -> Result<(), String> {
     let affected: BTreeSet<(u32, u64)> = t.injected_pages.iter().flatten().copied().collect();
     let named: BTreeSet<(u32, u64)> = t.lost.iter().map(|l| (l.slot, l.page)).collect();
     let must: BTreeSet<(u32, u64)> = t.injected_lost.iter().flatten().copied().collect();
-    let fault = t.spec.inject.map_or("no fault", |f| f.name());
+    let fault = t.inject().map_or("no fault", |f| f.name());
     if t.verdict != Verdict::Fail || named.is_empty() {
         return Err(format!(
             "{fault} was not caught: verdict {} ({}); the fault touched {} page(s), surely lost {}; seed {}",

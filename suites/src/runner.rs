@@ -253,12 +253,14 @@ pub fn write_replays(
             Verdict::Fail | Verdict::KnownFailure | Verdict::UnexpectedPass | Verdict::Error
         )
     }) {
+        // A model trial has no spec: its `replay` (trackcheck run --exact NAME) stays.
+        let Some(spec) = r.spec else { continue };
         std::fs::create_dir_all(&replay_dir)
             .map_err(|e| format!("{}: {e}", replay_dir.display()))?;
         let file = replay_dir.join(format!("{}.json", r.name.replace("::", "__")));
         let content = ReplayFile {
             trackcheck_replay: 1,
-            spec: r.spec,
+            spec,
             seed: r.seed,
             name: r.name.clone(),
             host_key: host_key.into(),

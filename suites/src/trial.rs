@@ -6,6 +6,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use trackcheck_harness::HostProfile;
 use trackcheck_harness::oracle::LostPage;
+use trackcheck_harness::track::inject::Fault;
 
 use trackcheck_harness::vcpu::collect_tids;
 
@@ -138,8 +139,10 @@ pub struct TrialResult {
     /// lost write the oracle must name (so named = injected, exactly).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub injected_lost: Option<Vec<(u32, u64)>>,
-    /// The trial, to replay it.
-    pub spec: TrialSpec,
+    /// The trial, to replay it; `None` for a model trial (`model::`, see `designs::trials`),
+    /// which `trackcheck run --exact NAME` replays.
+    #[serde(default)]
+    pub spec: Option<TrialSpec>,
 }
 
 impl TrialResult {
@@ -170,8 +173,46 @@ impl TrialResult {
             problems: Vec::new(),
             injected_pages: None,
             injected_lost: None,
-            spec: *spec,
+            spec: Some(*spec),
         }
+    }
+
+    /// A passing result of the model trial `name` (no KVM trial: no spec, no seed; `mode` and
+    /// `backing` read `model`), with nothing counted yet.
+    #[must_use]
+    pub fn model(name: &str, design: &str, scenario: &str) -> Self {
+        Self {
+            name: name.into(),
+            mechanism: design.into(),
+            scenario: scenario.into(),
+            mode: "model".into(),
+            backing: "model".into(),
+            verdict: Verdict::Pass,
+            reason: None,
+            fail_kind: None,
+            seed: 0,
+            replay: format!("trackcheck run --exact '{name}'"),
+            written: 0,
+            reported: 0,
+            extra: 0,
+            allowed: BTreeMap::new(),
+            unexplained: 0,
+            lost: Vec::new(),
+            rounds: 0,
+            duration_ms: 0.0,
+            evidence: Vec::new(),
+            hazards: Vec::new(),
+            problems: Vec::new(),
+            injected_pages: None,
+            injected_lost: None,
+            spec: None,
+        }
+    }
+
+    /// The loss injected into this trial (self-tests), if any.
+    #[must_use]
+    pub fn inject(&self) -> Option<Fault> {
+        self.spec.and_then(|s| s.inject)
     }
 }
 

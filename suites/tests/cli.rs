@@ -240,6 +240,30 @@ fn run_json_has_the_documented_fields() {
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }
 
+/// A model trial (no KVM needed) is a trial of the run: in KTAP, in report.json (no spec) and
+/// with its evidence in model-report.txt.
+#[test]
+fn model_trials_are_in_the_run_reports() {
+    let dir = std::env::temp_dir().join(format!("trackcheck-model-{}", std::process::id()));
+    let name = "model::wp-manual::costs";
+    let args = ["run", "--exact", name, "--format", "ktap", "--out"];
+    let out = trackcheck(
+        &[args.as_slice(), &[dir.to_str().expect("utf-8")]].concat(),
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let ktap = text(&out.stdout);
+    assert!(ktap.contains(&format!("1..1\nok 1 {name}\n")), "{ktap}");
+    let json = std::fs::read(dir.join("report.json")).expect("report.json");
+    let v: serde_json::Value = serde_json::from_slice(&json).expect("JSON");
+    let t = &v["trials"][0];
+    assert_eq!((&t["name"], &t["verdict"]), (&name.into(), &"pass".into()));
+    assert!(t["spec"].is_null() && t["evidence"][0].is_string(), "{t}");
+    let models = std::fs::read_to_string(dir.join("model-report.txt")).expect("model report");
+    assert!(models.contains("12 writes over 3 rounds"), "{models}");
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}
+
 /// An injected loss fails the trial naming the page and writes a replay file; the run exits 0
 /// because the loss was caught (a missed one would exit 1); replaying reproduces the same page.
 #[test]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use libtest_mimic::{Arguments, Completion, Failed, Trial};
 use trackcheck_harness::HostProfile;
 use trackcheck_suites::golden::{self, Golden};
-use trackcheck_suites::trial::{Verdict, is_demanded, required_mechanisms, run_trial};
+use trackcheck_suites::trial::{TrialResult, Verdict, is_demanded, required_mechanisms, run_trial};
 use trackcheck_suites::{matrix, runner, scenarios};
 
 fn main() {
@@ -48,53 +48,27 @@ fn main() {
                 let mut r = run_trial(&spec, spec.default_seed(), &host, &required);
                 golden.apply(&mut r);
                 let _ = runner::write_replays(&out, &host.key(), std::slice::from_mut(&mut r));
-                let line = format!(
-                    "{}: {}",
-                    r.verdict.name(),
-                    r.reason.clone().unwrap_or_default()
-                );
-                match r.verdict {
-                    Verdict::Pass => Ok(Completion::Completed),
-                    Verdict::Skip => Ok(Completion::ignored_with(r.reason.unwrap_or_default())),
-                    Verdict::NotExercised => Ok(Completion::ignored_with(format!(
-                        "path not exercised: {}",
-                        r.reason.unwrap_or_default()
-                    ))),
-                    Verdict::KnownFailure => {
-                        eprintln!(
-                            "known failure {}: {}\n  seed {}; replay: {}",
-                            r.name,
-                            r.reason.unwrap_or_default(),
-                            r.seed,
-                            r.replay
-                        );
-                        Ok(Completion::Completed)
-                    }
-                    Verdict::Fail | Verdict::UnexpectedPass | Verdict::Error => {
-                        Err(Failed::from(format!(
-                            "{line}\nevidence: {}\nseed {}; replay: {}",
-                            r.evidence.join(" | "),
-                            r.seed,
-                            r.replay
-                        )))
-                    }
-                }
+                judge(r)
             })
             .with_ignored_flag(ignored)
         })
         .collect();
-    // Models of designs no host runs: no KVM, the same verdict everywhere, not in the golden file.
-    for t in trackcheck_suites::designs::trials::all() {
-        trials.push(Trial::test(t.name(), move || {
-            let r = trackcheck_suites::designs::trials::run(t);
-            match r.reason {
-                None => Ok(()),
-                Some(why) => Err(format!("{why}\nevidence: {}", r.evidence.join(" | ")).into()),
-            }
+    // Models of designs no host runs: judged like any trial, against the same golden file.
+    let models = trackcheck_suites::designs::trials::all();
+    for t in models.iter().copied() {
+        let golden = golden.clone();
+        trials.push(Trial::ignorable_test(t.name(), move || {
+            let mut r = trackcheck_suites::designs::trials::run(t);
+            golden.apply(&mut r);
+            judge(r)
         }));
     }
     // Golden entries that name no trial of the matrix are stale: the file needs a review.
-    let names: std::collections::BTreeSet<String> = specs.iter().map(|s| s.name()).collect();
+    let names: std::collections::BTreeSet<String> = specs
+        .iter()
+        .map(|s| s.name())
+        .chain(models.iter().map(|t| t.name()))
+        .collect();
     let stale: Vec<String> = golden
         .entries
         .keys()
@@ -116,4 +90,38 @@ fn main() {
         std::process::exit(101);
     }
     conclusion.exit();
+}
+
+/// A judged result as a test outcome: skips and paths not exercised are ignored with the
+/// reason, known failures pass with their evidence on stderr, everything unexpected fails.
+fn judge(r: TrialResult) -> Result<Completion, Failed> {
+    let line = format!(
+        "{}: {}",
+        r.verdict.name(),
+        r.reason.clone().unwrap_or_default()
+    );
+    match r.verdict {
+        Verdict::Pass => Ok(Completion::Completed),
+        Verdict::Skip => Ok(Completion::ignored_with(r.reason.unwrap_or_default())),
+        Verdict::NotExercised => Ok(Completion::ignored_with(format!(
+            "path not exercised: {}",
+            r.reason.unwrap_or_default()
+        ))),
+        Verdict::KnownFailure => {
+            eprintln!(
+                "known failure {}: {}\n  seed {}; replay: {}",
+                r.name,
+                r.reason.unwrap_or_default(),
+                r.seed,
+                r.replay
+            );
+            Ok(Completion::Completed)
+        }
+        Verdict::Fail | Verdict::UnexpectedPass | Verdict::Error => Err(Failed::from(format!(
+            "{line}\nevidence: {}\nseed {}; replay: {}",
+            r.evidence.join(" | "),
+            r.seed,
+            r.replay
+        ))),
+    }
 }

@@ -1,12 +1,14 @@
 //! Executable models of dirty-tracking designs no host here runs (the seeds): a software MMU
 //! ([`mmu`]), a modelled VM stepping guest programs and a host protocol ([`world`]), the
 //! designs ([`baseline`], [`pml`], [`genwp`], [`dbm`]) with their known-bad mutants, and the
-//! explorers ([`explore`]). The stepped oracle that judges real KVM (`Ledger`) judges them.
+//! explorers ([`explore`]). The stepped oracle that judges real KVM (`Ledger`) judges them, and
+//! the baseline is held against real KVM on the same programs ([`anchor`]).
 //!
 //! Not to be confused with `crate::model`, the proptest state machine of host/guest
 //! interleavings against real KVM.
 
 pub mod access;
+pub mod anchor;
 pub mod baseline;
 pub mod dbm;
 pub mod explore;
@@ -19,6 +21,8 @@ pub mod scenarios;
 pub mod trials;
 pub mod world;
 
+#[cfg(test)]
+mod anchor_tests;
 #[cfg(test)]
 mod tests;
 

@@ -75,10 +75,13 @@ fn cost_figures() {
 
 #[test]
 fn every_model_trial_passes_and_names_its_bound() {
-    for t in super::trials::all()
-        .into_iter()
-        .filter(|t| !matches!(t.check, super::trials::Check::Exhaustive(2)))
-    {
+    for t in super::trials::all().into_iter().filter(|t| {
+        // The slow exhaustive scenario and the anchor (it needs KVM: anchor_tests) aside.
+        !matches!(
+            t.check,
+            super::trials::Check::Exhaustive(2) | super::trials::Check::Anchor
+        )
+    }) {
         let r = super::trials::run(t);
         print!("{}", super::trials::text(std::slice::from_ref(&r)));
         assert_eq!(
@@ -137,4 +140,65 @@ fn schedules_are_counted_exactly() {
         assert_eq!(r.schedules, u128::from(n) + 1, "{n} reads");
         assert!(r.counterexample.is_none());
     }
+}
+
+/// A model trial's result goes through the golden file, the run's verdict, KTAP, JSON and
+/// replay files like any trial: a failure stays a failure under a golden `pass`, and a model
+/// trial gets no replay file (it has no spec) but keeps its `run --exact` replay.
+#[test]
+fn model_results_are_judged_and_reported_like_any_trial() {
+    use crate::golden::Golden;
+    use crate::report::{GoldenInfo, RunReport};
+    use crate::trial::{FailKind, TrialResult, Verdict};
+    let t = super::trials::all()
+        .into_iter()
+        .find(|t| t.check == super::trials::Check::Costs)
+        .expect("a costs trial");
+    let mut pass = super::trials::run(t);
+    assert_eq!((pass.verdict, pass.spec), (Verdict::Pass, None));
+    assert!(pass.evidence.iter().any(|e| e.contains("12 writes")));
+    let mut fail = TrialResult::model("model::x::mutants", "x", "mutants");
+    fail.verdict = Verdict::Fail;
+    fail.fail_kind = Some(FailKind::Problem);
+    fail.reason = Some("mutants not caught: x/Y".into());
+    let dir = std::env::temp_dir().join(format!("trackcheck-model-golden-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let snap = format!(
+        "---\nsource: x\n---\n{} pass\nmodel::x::mutants pass\n",
+        pass.name
+    );
+    std::fs::write(dir.join("k@1.snap"), snap).expect("golden file");
+    let golden = Golden::load(&dir, "k@1").expect("loads");
+    golden.apply(&mut pass);
+    golden.apply(&mut fail);
+    assert_eq!((pass.verdict, fail.verdict), (Verdict::Pass, Verdict::Fail));
+    let mut results = vec![pass, fail];
+    let written = crate::runner::write_replays(&dir, "k", &mut results).expect("replays");
+    assert!(written.is_empty(), "{written:?}");
+    assert_eq!(
+        results[1].replay,
+        "trackcheck run --exact 'model::x::mutants'"
+    );
+    super::trials::write_text(&results, &dir).expect("model report");
+    let text = std::fs::read_to_string(dir.join("model-report.txt")).expect("written");
+    assert!(text.contains("mutants not caught: x/Y") && text.contains("12 writes"));
+    let info = GoldenInfo {
+        key: "k@1".into(),
+        path: "g".into(),
+        found: true,
+        unmatched: 0,
+        missing: None,
+    };
+    let report = RunReport::new(trackcheck_harness::HostProfile::probe(), info, results, 1.0);
+    assert!(report.has_unexpected());
+    let ktap = report.ktap();
+    assert!(
+        ktap.contains(&format!("ok 1 {}\n", report.trials[0].name)),
+        "{ktap}"
+    );
+    assert!(ktap.contains("not ok 2 model::x::mutants # mutants not caught: x/Y"));
+    let json = serde_json::to_string(&report).expect("serialises");
+    let back: RunReport = serde_json::from_str(&json).expect("reads back");
+    assert_eq!(back.trials[1].spec, None);
+    let _ = std::fs::remove_dir_all(&dir);
 }

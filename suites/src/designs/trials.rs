@@ -1,22 +1,26 @@
 //! `model::<design>::<scenario>` trials: the models as trials of `trackcheck list / run` and
-//! `cargo test`. They need no KVM and give the same verdict on every host, so they are kept
-//! out of the per-host golden matrix: a model trial that fails always fails the run.
+//! `cargo test`. Each gives a [`TrialResult`] (no [`crate::spec::TrialSpec`]: a model trial is
+//! not a KVM trial), so reports, JSON, KTAP and golden files take them like any trial. They
+//! need no KVM (but the anchor) and give the same verdict on every host; the host's golden
+//! file records them as passing, and lanes leave them out (`trackcheck run --no-models`).
 //!
 //! Per design: `exhaustive-<scenario>` (every interleaving within the scenario's bound; the
 //! bound, states and schedules are in the evidence), `proptest-<scenario>` (random schedules,
 //! shrunk on failure), `mutants` (every known-bad variant must lose a write in some exhaustive
 //! scenario; each one's shortest schedule is in the evidence) and `costs` (the seed's cost
-//! claim, measured in model steps, with the figures in the evidence).
+//! claim, measured in model steps, with the figures in the evidence). The baseline also has
+//! `anchor-stepped` ([`super::anchor`]): the model against this host's KVM. A trial passes
+//! only if its exploration found no loss and no stuck schedule, and (`mutants`) every mutant
+//! was caught by a loss.
 
 use std::time::Instant;
-
-use serde::{Deserialize, Serialize};
 
 use super::explore::{Counterexample, exhaustive, sample};
 use super::scenarios::{self, cost_setup, stepped};
 use super::world::{Costs, Design};
 use super::{designs, mutants};
-use crate::trial::Verdict;
+use crate::golden::Golden;
+use crate::trial::{FailKind, TrialResult, Verdict};
 
 /// What a model trial checks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,6 +33,8 @@ pub enum Check {
     Mutants,
     /// The design's cost claim.
     Costs,
+    /// The model against real KVM (the baseline only).
+    Anchor,
 }
 
 /// One model trial.
@@ -38,21 +44,6 @@ pub struct ModelTrial {
     pub design: usize,
     /// What it checks.
     pub check: Check,
-}
-
-/// A model trial's outcome.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct ModelResult {
-    /// `model::<design>::<scenario>`.
-    pub name: String,
-    /// Pass or fail.
-    pub verdict: Verdict,
-    /// Why it failed.
-    pub reason: Option<String>,
-    /// Bounds, counts, figures, counterexamples.
-    pub evidence: Vec<String>,
-    /// Wall time.
-    pub duration_ms: f64,
 }
 
 impl ModelTrial {
@@ -65,6 +56,7 @@ impl ModelTrial {
             Check::Proptest(i) => format!("proptest-{}", scenarios::exhaustive()[i].name),
             Check::Mutants => "mutants".into(),
             Check::Costs => "costs".into(),
+            Check::Anchor => "anchor-stepped".into(),
         };
         format!("model::{design}::{scenario}")
     }
@@ -81,6 +73,12 @@ pub fn all() -> Vec<ModelTrial> {
                 .map(Check::Exhaustive)
                 .chain([Check::Proptest(0), Check::Mutants, Check::Costs]);
         out.extend(checks.map(|check| ModelTrial { design, check }));
+        if design == 0 {
+            out.push(ModelTrial {
+                design,
+                check: Check::Anchor,
+            });
+        }
     }
     out
 }
@@ -109,54 +107,101 @@ fn counterexample_lines(c: &Counterexample) -> String {
     format!("{} steps:\n{c}", c.lines.len())
 }
 
+/// A failure from an exploration's counterexample: a loss, or a stuck schedule.
+fn explored(c: &Counterexample) -> (FailKind, String) {
+    if c.is_loss() {
+        (
+            FailKind::Lost,
+            format!("loses a write: {}", counterexample_lines(c)),
+        )
+    } else {
+        (
+            FailKind::Problem,
+            format!("a schedule gets stuck: {}", counterexample_lines(c)),
+        )
+    }
+}
+
 /// Run one model trial.
 #[must_use]
-pub fn run(trial: ModelTrial) -> ModelResult {
+pub fn run(trial: ModelTrial) -> TrialResult {
     let start = Instant::now();
+    let name = trial.name();
     let design = &designs()[trial.design];
-    let mut evidence = Vec::new();
+    let scenario = name.rsplit("::").next().unwrap_or_default();
+    let mut r = TrialResult::model(&name, &design.name(), scenario);
+    let problem = |why: String| (FailKind::Problem, why);
     let failure = match trial.check {
         Check::Exhaustive(i) => {
             let s = &scenarios::exhaustive()[i];
-            let r = exhaustive(design.as_ref(), &s.setup);
-            evidence.push(format!("bound: {}", r.bound));
-            evidence.push(format!(
+            let x = exhaustive(design.as_ref(), &s.setup);
+            r.evidence.push(format!("bound: {}", x.bound));
+            r.evidence.push(format!(
                 "{} states, {} schedules in {:.2} s ({:.0} states/s)",
-                r.states,
-                r.schedules,
-                r.seconds,
-                r.states as f64 / r.seconds.max(1e-9)
+                x.states,
+                x.schedules,
+                x.seconds,
+                x.states as f64 / x.seconds.max(1e-9)
             ));
-            r.counterexample
-                .map(|c| format!("loses a write: {}", counterexample_lines(&c)))
+            x.counterexample.as_ref().map(explored)
         }
         Check::Proptest(i) => {
             let s = &scenarios::exhaustive()[i];
             let cases = 256;
-            evidence.push(format!("{cases} random schedules of {}", s.name));
+            r.evidence
+                .push(format!("{cases} random schedules of {}", s.name));
             sample(design.as_ref(), &s.setup, cases)
-                .map(|c| format!("loses a write: {}", counterexample_lines(&c)))
+                .as_ref()
+                .map(explored)
         }
-        Check::Mutants => mutants_caught(design.as_ref(), &mut evidence),
-        Check::Costs => cost_claim(trial.design, &mut evidence),
+        Check::Mutants => mutants_caught(design.as_ref(), &mut r.evidence).map(problem),
+        Check::Costs => cost_claim(trial.design, &mut r.evidence).map(|why| {
+            let kind = if why.contains("lost a write") {
+                FailKind::Lost
+            } else {
+                FailKind::Problem
+            };
+            (kind, why)
+        }),
+        Check::Anchor => {
+            let a = super::anchor::run();
+            r.evidence.extend(a.evidence);
+            r.written = a.written;
+            r.reported = a.total.kvm_pages;
+            r.allowed = a.total.allowed;
+            r.extra = r.allowed.values().sum();
+            r.rounds = u32::try_from(a.total.rounds).unwrap_or(u32::MAX);
+            r.seed = super::anchor::SEED;
+            if let Some(why) = a.skip {
+                r.verdict = Verdict::Skip;
+                r.reason = Some(why);
+            } else if let Some(why) = a.error {
+                r.verdict = Verdict::Error;
+                r.reason = Some(why);
+            }
+            a.failure
+        }
     };
-    ModelResult {
-        name: trial.name(),
-        verdict: if failure.is_some() {
-            Verdict::Fail
-        } else {
-            Verdict::Pass
-        },
-        reason: failure,
-        evidence,
-        duration_ms: start.elapsed().as_secs_f64() * 1e3,
+    if let Some((kind, why)) = failure {
+        r.verdict = Verdict::Fail;
+        r.fail_kind = Some(kind);
+        r.reason = Some(why);
     }
+    r.duration_ms = start.elapsed().as_secs_f64() * 1e3;
+    r
 }
 
 fn mutants_caught(design: &dyn Design, evidence: &mut Vec<String>) -> Option<String> {
     let prefix = format!("{}/", design.name());
     let mut escaped = Vec::new();
-    for m in mutants().iter().filter(|m| m.name().starts_with(&prefix)) {
+    let mine: Vec<_> = mutants()
+        .into_iter()
+        .filter(|m| m.name().starts_with(&prefix))
+        .collect();
+    if mine.is_empty() {
+        return Some(format!("{} has no mutants to catch", design.name()));
+    }
+    for m in &mine {
         let caught = scenarios::exhaustive().into_iter().find_map(|s| {
             exhaustive(m.as_ref(), &s.setup)
                 .counterexample
@@ -302,10 +347,11 @@ fn idle_claim(evidence: &mut Vec<String>) -> Option<String> {
         .map(|_| "the scan with a TLB flush missed accesses".to_string())
 }
 
-/// Text table of model results.
+/// Text table of model results with their evidence (bounds, schedules, costs, counterexamples).
 #[must_use]
-pub fn text(results: &[ModelResult]) -> String {
-    let mut out = String::from("model trials (no KVM; same verdict on every host)\n");
+pub fn text(results: &[TrialResult]) -> String {
+    let mut out =
+        String::from("model trials (the same verdict on every host; the anchor needs KVM)\n");
     for r in results {
         out.push_str(&format!(
             "  {:<6} {} ({:.0} ms)\n",
@@ -314,7 +360,7 @@ pub fn text(results: &[ModelResult]) -> String {
             r.duration_ms
         ));
         if let Some(why) = &r.reason {
-            out.push_str(&format!("         {why}\n"));
+            out.push_str(&format!("         {}\n", why.replace('\n', "\n         ")));
         }
         for e in &r.evidence {
             out.push_str(&format!("         {}\n", e.replace('\n', "\n         ")));
@@ -323,34 +369,35 @@ pub fn text(results: &[ModelResult]) -> String {
     out
 }
 
-/// `trackcheck run`'s model part: run `trials`, print their table when `print` (text output;
-/// otherwise a one-line summary on stderr), write `model-report.txt` and `model-report.json`
-/// into `out`. Returns whether every trial passed.
-pub fn run_for_cli(trials: &[ModelTrial], out: &std::path::Path, print: bool) -> bool {
-    let results: Vec<ModelResult> = trials.iter().map(|&t| run(t)).collect();
-    let table = text(&results);
-    let failed = results
+/// Run `trials` one after another, applying `golden` to each; `progress(i, result)` is called
+/// as the i-th (0-based) finishes.
+pub fn run_all(
+    trials: &[ModelTrial],
+    golden: &Golden,
+    progress: &dyn Fn(usize, &TrialResult),
+) -> Vec<TrialResult> {
+    trials
         .iter()
-        .filter(|r| r.verdict != Verdict::Pass)
-        .count();
-    if print {
-        print!("{table}");
-    } else {
-        eprintln!(
-            "trackcheck: {} model trial(s), {failed} failed (see {})",
-            results.len(),
-            out.join("model-report.txt").display()
-        );
+        .enumerate()
+        .map(|(i, &t)| {
+            let mut r = run(t);
+            golden.apply(&mut r);
+            progress(i, &r);
+            r
+        })
+        .collect()
+}
+
+/// Write `model-report.txt` (the model trials of `results`, with their evidence) into `out`.
+pub fn write_text(results: &[TrialResult], out: &std::path::Path) -> std::io::Result<()> {
+    let models: Vec<TrialResult> = results
+        .iter()
+        .filter(|r| r.spec.is_none())
+        .cloned()
+        .collect();
+    if models.is_empty() {
+        return Ok(());
     }
-    let json = serde_json::to_string_pretty(&results).unwrap_or_default();
-    let wrote = std::fs::create_dir_all(out)
-        .and_then(|()| std::fs::write(out.join("model-report.txt"), &table))
-        .and_then(|()| std::fs::write(out.join("model-report.json"), &json));
-    if let Err(e) = wrote {
-        eprintln!(
-            "trackcheck: cannot write the model report to {}: {e}",
-            out.display()
-        );
-    }
-    failed == 0
+    std::fs::create_dir_all(out)?;
+    std::fs::write(out.join("model-report.txt"), text(&models))
 }

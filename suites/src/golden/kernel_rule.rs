@@ -73,7 +73,7 @@ pub(super) fn apply_late_rule(golden: &Golden, result: &mut TrialResult) -> bool
     let only_lost = result.hazards.is_empty()
         && result.problems.is_empty()
         && result.fail_kind == Some(FailKind::Lost);
-    if rest.is_empty() && only_lost && result.spec.inject.is_none() {
+    if rest.is_empty() && only_lost && result.inject().is_none() {
         result.verdict = Verdict::KnownFailure;
         result.evidence.push(format!(
             "{WITHIN_LATE_RULE}{name} ({token}) of {}: {} page(s) reported late behind a write fault in flight",

@@ -267,7 +267,7 @@ impl Golden {
         if kernel_rule::apply_late_rule(self, result) {
             return;
         }
-        if result.spec.inject.is_some() {
+        if result.inject().is_some() {
             self.judge_selftest_on_a_losing_kernel(result);
             return;
         }
@@ -389,7 +389,7 @@ impl Golden {
         if result.lost.is_empty()
             && result.fail_kind == Some(FailKind::Lost)
             && result.injected_lost.is_none()
-            && result.spec.inject != Some(Fault::DropPage)
+            && result.inject() != Some(Fault::DropPage)
         {
             // A fault that does not know which writes it lost (skip-rearm, copy-before-rearm
             // lose a write only where its page is written again): every loss the oracle found
@@ -462,13 +462,18 @@ fn with_withheld_neighbours(result: &TrialResult) -> TrialResult {
     adjusted
 }
 
-/// The name of `result`'s trial without an injected fault.
+/// The name of `result`'s trial without an injected fault (a model trial's own name).
 fn base_name(result: &TrialResult) -> String {
-    crate::spec::TrialSpec {
-        inject: None,
-        ..result.spec
-    }
-    .name()
+    result.spec.map_or_else(
+        || result.name.clone(),
+        |spec| {
+            crate::spec::TrialSpec {
+                inject: None,
+                ..spec
+            }
+            .name()
+        },
+    )
 }
 
 #[cfg(test)]
