@@ -168,6 +168,11 @@ pub fn matrix() -> Vec<TrialSpec> {
                     mode,
                 ));
             }
+            if mode == ExecutionMode::Native {
+                // Issue 11: reclaim of a file backing racing every tracker (native only: an
+                // emulated guest faults the same way, and each lane runs the matrix emulated).
+                out.push(spec(tracker, Scenario::ReclaimFile, Backing::File, mode));
+            }
             if tracker == TrackerSpec::DirtyLog && mode == ExecutionMode::Native {
                 for kind in [AccessKind::PageIdle, AccessKind::Damon] {
                     out.push(spec(
@@ -268,6 +273,7 @@ pub fn selftests() -> Vec<TrialSpec> {
                 },
                 Backing::Thp,
             ),
+            (Scenario::ReclaimFile, Backing::File),
         ]);
         for (scenario, backing) in scenarios {
             for fault in Fault::ALL {

@@ -243,6 +243,9 @@ pub enum Scenario {
     /// proptest-state-machine over host/guest interleavings (writes, collect, rearm ranges,
     /// copy, log-flag toggles).
     PropInterleavings,
+    /// Writeback and pageout of a file backing race the tracker while vCPUs write and the
+    /// host harvests: KVM's mappings are zapped and faulted again while logging is on.
+    ReclaimFile,
 }
 
 impl Scenario {
@@ -265,6 +268,7 @@ impl Scenario {
             Self::GuestTables { case } => case.name().into(),
             Self::Access { kind } => kind.name().into(),
             Self::PropInterleavings => "proptest-interleavings".into(),
+            Self::ReclaimFile => "reclaim-file".into(),
         }
     }
 
@@ -284,6 +288,7 @@ impl Scenario {
             Self::Memslot { .. } => "memslot",
             Self::GuestTables { .. } => "guest-tables",
             Self::Access { .. } => "access",
+            Self::ReclaimFile => "reclaim",
         }
     }
 
@@ -310,7 +315,8 @@ impl Scenario {
                 }
                 | Self::Memslot {
                     op: SlotOp::Toggle | SlotOp::ManyConcurrent,
-                },
+                }
+                | Self::ReclaimFile,
                 _,
             ) => Err(
                 "the guest writes while the host harvests: whether a page left writable is \
