@@ -35,7 +35,9 @@ static LOCK: Mutex<()> = Mutex::new(());
 /// DAMON's operation set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Ops {
-    /// This process's virtual address space.
+    /// This process's virtual address space, over fixed ranges (`fvaddr`: the vaddr
+    /// operations without the periodic re-read of the process's mappings) where DAMON offers
+    /// it, else over the whole process (`vaddr`).
     Vaddr,
     /// Physical address ranges (the guest memory's frames).
     Paddr,
@@ -67,20 +69,21 @@ pub(super) struct TriedRegion {
     pub nr_accesses: u64,
 }
 
-/// The `stat` scheme's counters.
+/// A `stat` scheme's counters.
 #[derive(Clone, Copy, Debug, Default)]
 pub(super) struct SchemeStats {
     pub nr_tried: u64,
     pub sz_tried: u64,
-    pub nr_applied: u64,
 }
 
 /// The suite's kdamond (index 0, the only one); stopped and removed when dropped.
 #[derive(Debug)]
 pub(super) struct Kdamond {
     dir: PathBuf,
-    /// Monitored ranges (paddr: the regions set; vaddr: empty, DAMON picks the process's).
+    /// Monitored ranges (empty: DAMON picks the process's mappings, plain vaddr).
     pub ranges: Vec<(u64, u64)>,
+    /// The operation set in use (`vaddr`, `fvaddr`, `paddr`).
+    pub ops_name: &'static str,
     _turn: MutexGuard<'static, ()>,
 }
 
@@ -123,8 +126,10 @@ pub(super) fn ranges_of(frames: &[u64], page: u64, most: usize) -> Vec<(u64, u64
 }
 
 impl Kdamond {
-    /// Create and start a kdamond with `ops` over this process (vaddr) or the physical
-    /// `ranges` (paddr, `[start, end)` in bytes, sorted, disjoint).
+    /// Create and start a kdamond with `ops` over `ranges` (`[start, end)` in bytes, sorted,
+    /// disjoint): virtual ones of this process (fvaddr; plain vaddr ignores them) or physical
+    /// ones (paddr). Two `stat` schemes: 0 matches every region, 1 those found young at least
+    /// once in an aggregation (so its counters add up the young regions over the whole run).
     pub(super) fn start(ops: Ops, ranges: &[(u64, u64)]) -> Result<Self, SetupError> {
         let turn = LOCK
             .lock()
@@ -144,12 +149,17 @@ impl Kdamond {
         let mut k = Self {
             dir: admin.join("0"),
             ranges: Vec::new(),
+            ops_name: ops.name(),
             _turn: turn,
         };
         let ctx = k.dir.join("contexts/0");
         write(&k.dir.join("contexts/nr_contexts"), "1")?;
         let avail = read(&ctx.join("avail_operations")).unwrap_or_default();
-        if !avail.split_whitespace().any(|o| o == ops.name()) {
+        let offered = |o: &str| avail.split_whitespace().any(|a| a == o);
+        if ops == Ops::Vaddr && offered("fvaddr") {
+            k.ops_name = "fvaddr";
+        }
+        if !offered(ops.name()) {
             return Err(SetupError::Unsupported(format!(
                 "DAMON offers {} here; {} is absent",
                 if avail.is_empty() {
@@ -160,20 +170,22 @@ impl Kdamond {
                 ops.name()
             )));
         }
-        write(&ctx.join("operations"), ops.name())?;
+        write(&ctx.join("operations"), k.ops_name)?;
         let attrs = ctx.join("monitoring_attrs");
         write(&attrs.join("intervals/aggr_us"), &AGGR_US.to_string())?;
         write(&attrs.join("intervals/sample_us"), &SAMPLE_US.to_string())?;
         write(&attrs.join("intervals/update_us"), &UPDATE_US.to_string())?;
         write(&ctx.join("targets/nr_targets"), "1")?;
         let target = ctx.join("targets/0");
-        match ops {
-            Ops::Vaddr => write(&target.join("pid_target"), &std::process::id().to_string())?,
-            Ops::Paddr => {
+        if ops == Ops::Vaddr {
+            write(&target.join("pid_target"), &std::process::id().to_string())?;
+        }
+        if k.ops_name != "vaddr" {
+            {
                 k.ranges = ranges.to_vec();
                 if k.ranges.is_empty() {
                     return Err(SetupError::Failed(
-                        "no frame of the guest memory is known (pagemap gave no PFN)".into(),
+                        "no range of the guest memory is known (pagemap gave no PFN)".into(),
                     ));
                 }
                 write(
@@ -188,19 +200,36 @@ impl Kdamond {
                 }
             }
         }
-        write(&ctx.join("schemes/nr_schemes"), "1")?;
-        let scheme = ctx.join("schemes/0");
-        write(&scheme.join("action"), "stat")?;
-        let pattern = scheme.join("access_pattern");
-        for (what, max) in [
-            ("sz", u64::MAX),
-            ("nr_accesses", u64::from(u32::MAX)),
-            ("age", u64::from(u32::MAX)),
-        ] {
-            write(&pattern.join(format!("{what}/max")), &max.to_string())?;
-            write(&pattern.join(format!("{what}/min")), "0")?;
+        write(&ctx.join("schemes/nr_schemes"), "2")?;
+        for (i, least_accesses) in [(0, "0"), (1, "1")] {
+            let scheme = ctx.join(format!("schemes/{i}"));
+            write(&scheme.join("action"), "stat")?;
+            let pattern = scheme.join("access_pattern");
+            for (what, max, min) in [
+                ("sz", u64::MAX, "0"),
+                ("nr_accesses", u64::from(u32::MAX), least_accesses),
+                ("age", u64::from(u32::MAX), "0"),
+            ] {
+                write(&pattern.join(format!("{what}/max")), &max.to_string())?;
+                write(&pattern.join(format!("{what}/min")), min)?;
+            }
         }
-        write(&k.dir.join("state"), "on")?;
+        let state = k.dir.join("state");
+        if let Err(e) = std::fs::write(&state, "on") {
+            if e.raw_os_error() == Some(libc::EBUSY) {
+                return Err(SetupError::Unsupported(
+                    "DAMON refuses to start another kdamond (EBUSY): an exclusive one the suite \
+                     did not create runs (a DAMON_STAT, DAMON_RECLAIM or DAMON_LRU_SORT module; \
+                     damon_stat.enabled=N on the kernel command line frees DAMON_STAT's), and \
+                     the suite never stops a kdamond it did not create"
+                        .into(),
+                ));
+            }
+            return Err(SetupError::Failed(format!(
+                "write \"on\" to {}: {e}",
+                state.display()
+            )));
+        }
         Ok(k)
     }
 
@@ -209,19 +238,22 @@ impl Kdamond {
         read_u64(&self.dir.join("pid")).ok()
     }
 
-    fn scheme(&self) -> PathBuf {
-        self.dir.join("contexts/0/schemes/0")
+    fn scheme(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("contexts/0/schemes/{i}"))
     }
 
-    /// The `stat` scheme's counters now (asks kdamond to update them first).
-    pub(super) fn stats(&self) -> Result<SchemeStats, SetupError> {
+    /// The two schemes' counters now, every region's and the young ones' (asks kdamond to
+    /// update them first).
+    pub(super) fn stats(&self) -> Result<[SchemeStats; 2], SetupError> {
         write(&self.dir.join("state"), "update_schemes_stats")?;
-        let s = self.scheme().join("stats");
-        Ok(SchemeStats {
-            nr_tried: read_u64(&s.join("nr_tried"))?,
-            sz_tried: read_u64(&s.join("sz_tried"))?,
-            nr_applied: read_u64(&s.join("nr_applied"))?,
-        })
+        let one = |i| -> Result<SchemeStats, SetupError> {
+            let s = self.scheme(i).join("stats");
+            Ok(SchemeStats {
+                nr_tried: read_u64(&s.join("nr_tried"))?,
+                sz_tried: read_u64(&s.join("sz_tried"))?,
+            })
+        };
+        Ok([one(0)?, one(1)?])
     }
 
     /// The regions of kdamond's last aggregation that overlap `[lo, hi)` ranges in `within`,
@@ -231,7 +263,7 @@ impl Kdamond {
         within: &[(u64, u64)],
     ) -> Result<Vec<TriedRegion>, SetupError> {
         write(&self.dir.join("state"), "update_schemes_tried_regions")?;
-        let dir = self.scheme().join("tried_regions");
+        let dir = self.scheme(0).join("tried_regions");
         let mut out = Vec::new();
         for i in 0.. {
             let r = dir.join(i.to_string());

@@ -2,17 +2,19 @@
 //! KVM's mappings of guest memory through the MMU notifiers while the vCPUs write and the host
 //! harvests, through the concurrent driver and its per-harvest check (see `concurrent`).
 //!
-//! Agents: a kdamond the suite creates (see `damon`) over this process's address space
-//! (`idle-damon-vaddr`) or over the guest memory's physical frames, read from
-//! /proc/self/pagemap (`idle-damon-paddr`). On hosts whose KVM mappings lack accessed bits,
+//! Agents: a kdamond the suite creates (see `damon`) over the guest memory's virtual range
+//! (`idle-damon-vaddr`: DAMON's fvaddr operations, or vaddr over the whole process where
+//! fvaddr is not offered) or over its physical frames, read from /proc/self/pagemap
+//! (`idle-damon-paddr`). Two `stat` schemes count the regions tried and those found young. On hosts whose KVM mappings lack accessed bits,
 //! aging turns KVM's entries into access-tracked ones that the fast page-fault path restores
 //! (with write access): the path that has lost dirty state before.
 //!
 //! Judgement: the concurrent driver's oracles (no written page lost). Proof the aging ran over
-//! guest memory, or the verdict is not-exercised: the `stat` scheme's counters (regions tried)
-//! and, in snapshots of kdamond's tried regions taken while the vCPUs run, regions over the
-//! guest memory with `nr_accesses` > 0 (samples that found a page young again after kdamond
-//! cleared it). What this cannot see: how many clears reached KVM (tracefs counts of
+//! guest memory, or the verdict is not-exercised: regions found young by the second scheme
+//! where DAMON watched only the guest memory (fvaddr, paddr: its frames, the closest runs
+//! merged), or regions over the guest memory with `nr_accesses` > 0 in snapshots of kdamond's
+//! tried regions taken while the vCPUs run (samples that found a page young again after
+//! kdamond cleared it). What this cannot see: how many clears reached KVM (tracefs counts of
 //! `kvm_age_hva` are not read yet), nor which clear preceded a lost write.
 
 use trackcheck_harness::HostProfile;
@@ -30,7 +32,7 @@ use crate::spec::{IdleAgent, Pattern, TrialSpec};
 
 /// Data pages.
 pub(super) const PAGES: u64 = 2048;
-/// vCPUs writing (hot-cold: hot pages stay young, cold ones age).
+/// vCPUs writing (random: every page is written again and again, so aging finds it young).
 const VCPUS: usize = 2;
 /// Tried-region snapshots while the vCPUs run (every [`EVERY`] harvests), besides the last.
 const SNAPSHOTS: u32 = 4;
@@ -138,13 +140,13 @@ pub(super) fn run(
     seed: u64,
     tracker: &mut TrialTracker,
 ) -> Result<Findings, TrialError> {
-    let program = programs::concurrent(seed, Pattern::HotCold, VCPUS, PAGES);
+    let program = programs::concurrent(seed, Pattern::Random, VCPUS, PAGES);
     let mut m = super::machine(spec, spec.tracker.ring_bytes())?;
     let (addr, len) = (m.data().host_addr(), m.data().mapped_len());
     let ops = ops(agent);
     // Where guest memory is, in DAMON's addresses; paddr monitors the closest-merged runs.
     let (within, ranges) = match ops {
-        Ops::Vaddr => (vec![(addr, addr + len)], Vec::new()),
+        Ops::Vaddr => (vec![(addr, addr + len)], vec![(addr, addr + len)]),
         Ops::Paddr => {
             let f = frames(addr, len)?;
             let page = host_page_bytes();
@@ -156,6 +158,7 @@ pub(super) fn run(
     };
     let kd = Kdamond::start(ops, &ranges).map_err(setup)?;
     let pid = kd.pid();
+    let (ops_name, kd_ranges_empty) = (kd.ops_name, kd.ranges.is_empty());
     let mut seen = Seen::default();
     let mut sample = |_: &RunView<'_>, harvest: u32, _: &[u64], _: &mut Shadow| {
         if harvest.is_multiple_of(EVERY) && seen.snapshots < SNAPSHOTS {
@@ -170,20 +173,23 @@ pub(super) fn run(
         .and_then(|()| kd.stats().map_err(setup));
     drop(kd);
     let mut findings = driven?;
-    let stats = last?;
+    let [all, young] = last?;
+    // Scheme 1's young regions are the guest's where DAMON watched only guest memory.
+    let confined = !kd_ranges_empty;
     m.detach(tracker.get())?;
     findings.evidence.push(format!(
-        "DAMON {} kdamond{} made by the suite (sample {SAMPLE_US} us, aggregation {AGGR_US} us, update {UPDATE_US} us{}), removed after; stat scheme: {} regions tried ({} bytes), {} applied; {} tried-region snapshots: {} regions ({} bytes) over the guest memory, {} of them found young (nr_accesses sum {}, max {} of {} samples per aggregation)",
-        ops.name(),
+        "DAMON {ops_name} kdamond{} made by the suite (sample {SAMPLE_US} us, aggregation {AGGR_US} us, update {UPDATE_US} us; {}), removed after; stat schemes: {} regions tried ({} bytes), {} of them found young ({} bytes){}; {} tried-region snapshots: {} regions ({} bytes) over the guest memory, {} of them found young (nr_accesses sum {}, max {} of {} samples per aggregation)",
         pid.map(|p| format!(" pid {p}")).unwrap_or_default(),
-        if ops == Ops::Paddr {
-            format!(", {} physical ranges", ranges.len())
-        } else {
-            String::new()
+        match (ops, confined) {
+            (Ops::Paddr, _) => format!("{} physical ranges holding the guest memory", ranges.len()),
+            (Ops::Vaddr, true) => "the guest memory's virtual range".to_string(),
+            (Ops::Vaddr, false) => "the whole process: fvaddr is not offered".to_string(),
         },
-        stats.nr_tried,
-        stats.sz_tried,
-        stats.nr_applied,
+        all.nr_tried,
+        all.sz_tried,
+        young.nr_tried,
+        young.sz_tried,
+        if confined { "" } else { " anywhere in the process" },
         seen.snapshots,
         seen.regions,
         seen.bytes,
@@ -192,11 +198,17 @@ pub(super) fn run(
         seen.max,
         AGGR_US / SAMPLE_US
     ));
-    findings.not_exercised = if stats.nr_tried == 0 {
+    findings.not_exercised = if all.nr_tried == 0 {
         Some("DAMON's stat scheme tried no region: kdamond never aggregated".into())
-    } else if seen.young == 0 {
+    } else if seen.young == 0 && !(confined && young.nr_tried > 0) {
         Some(format!(
-            "in {} snapshots no region over the guest memory was found young: the aging is not shown to have reached the guest's pages",
+            "DAMON never found the guest memory young ({} young regions{}, none in {} snapshots over the guest memory): the aging is not shown to have reached the guest's pages",
+            young.nr_tried,
+            if confined {
+                ""
+            } else {
+                " anywhere in the process"
+            },
             seen.snapshots
         ))
     } else {
