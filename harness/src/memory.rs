@@ -30,9 +30,12 @@ use serde::{Deserialize, Serialize};
 mod budget;
 mod hugetlb;
 mod map;
+mod reclaim;
 
 pub use budget::{CgroupRoom, MemoryBudget, ensure_fits, margin};
 pub use hugetlb::{HugetlbReservation, PoolFigures, PoolLock, hugetlb_pool_file, state_dir};
+pub use map::{FILE_DIR_ENV, file_dir, file_refusal};
+pub use reclaim::Writeback;
 
 const KIB: u64 = 1024;
 const HUGE_2M: u64 = 2 << 20;
@@ -62,11 +65,19 @@ pub enum Backing {
     /// `MAP_SHARED | MAP_ANONYMOUS` (shmem without a file name).
     #[serde(rename = "shmem")]
     Shmem,
+    /// A regular file on a disk filesystem mapped `MAP_SHARED`, as QEMU's
+    /// memory-backend-file: its pages are page cache that writeback cleans (`page_mkclean`
+    /// write-protects the host's mappings) and reclaim evicts (unmapping them), so KVM's
+    /// mappings are zapped and faulted again while it tracks. The file is made in
+    /// `TRACKCHECK_FILE_DIR` (default `/var/tmp`) and unlinked at once, so nothing is left
+    /// behind even if the process dies; tmpfs and ramfs are refused (no writeback there).
+    #[serde(rename = "file")]
+    File,
 }
 
 impl Backing {
     /// Every backing, in report order.
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::Anon,
         Self::Thp,
         Self::Hugetlb2M,
@@ -74,6 +85,7 @@ impl Backing {
         Self::Memfd,
         Self::MemfdHugetlb2M,
         Self::Shmem,
+        Self::File,
     ];
 
     /// Name used in trial names, reports and on the command line.
@@ -87,6 +99,7 @@ impl Backing {
             Self::Memfd => "memfd",
             Self::MemfdHugetlb2M => "memfd-hugetlb-2m",
             Self::Shmem => "shmem",
+            Self::File => "file",
         }
     }
 
@@ -94,7 +107,7 @@ impl Backing {
     #[must_use]
     pub const fn page_bytes(self) -> u64 {
         match self {
-            Self::Anon | Self::Memfd | Self::Shmem => 4 * KIB,
+            Self::Anon | Self::Memfd | Self::Shmem | Self::File => 4 * KIB,
             Self::Thp | Self::Hugetlb2M | Self::MemfdHugetlb2M => HUGE_2M,
             Self::Hugetlb1G => HUGE_1G,
         }
@@ -203,8 +216,8 @@ pub struct GuestMemory {
     /// Bytes mapped (rounded up to the backing's page size).
     mapped: u64,
     backing: Backing,
-    /// Keeps a memfd alive for the mapping's lifetime.
-    _fd: Option<OwnedFd>,
+    /// Keeps a memfd or the backing file alive for the mapping's lifetime.
+    fd: Option<OwnedFd>,
     /// Dropped after the mapping (field order), returning the hugepages.
     _reservation: Option<HugetlbReservation>,
 }
@@ -246,7 +259,7 @@ impl GuestMemory {
             len: bytes,
             mapped,
             backing,
-            _fd: fd,
+            fd,
             _reservation: reservation,
         };
         match backing {

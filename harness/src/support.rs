@@ -280,6 +280,11 @@ impl std::str::FromStr for Mechanism {
 pub fn backing_support(host: &HostProfile, backing: Backing) -> Support {
     match backing {
         Backing::Anon | Backing::Memfd | Backing::Shmem => Support::Yes,
+        // Probed now (the directory can change between runs; it is not a host fact).
+        Backing::File => match crate::memory::file_refusal() {
+            None => Support::Yes,
+            Some(reason) => Support::no(reason),
+        },
         Backing::Thp => match host.memory.thp_enabled.as_deref() {
             Some("always" | "madvise") => Support::Yes,
             Some(other) => Support::no(format!(

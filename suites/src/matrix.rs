@@ -7,7 +7,9 @@ use trackcheck_harness::track::inject::Fault;
 use trackcheck_harness::track::{ClearGranularity, TrackerSpec};
 use trackcheck_harness::{Backing, ExecutionMode};
 
-use crate::spec::{AccessKind, HugePath, Pattern, Scenario, SlotOp, TablesCase, TrialSpec};
+use crate::spec::{
+    AccessKind, HugePath, IdleAgent, Pattern, Scenario, SlotOp, TablesCase, TrialSpec,
+};
 
 /// Ring sizes tried: the smallest (constant ring-full exits) and 1 MiB.
 pub const RING_SIZES: [u32; 2] = [4096, 1 << 20];
@@ -50,6 +52,30 @@ fn spec(
         inject: None,
     }
 }
+
+/// The trackers the aging agents race (issue 11): each mechanism once (the ring sizes and
+/// CLEAR granularities are the concurrent families' business), native only.
+const IDLE_TRACKERS: [TrackerSpec; 7] = [
+    TrackerSpec::DirtyLog,
+    TrackerSpec::ClearLog {
+        initially_set: false,
+        granularity: ClearGranularity::Chunk64,
+    },
+    TrackerSpec::ClearLog {
+        initially_set: true,
+        granularity: ClearGranularity::Whole,
+    },
+    TrackerSpec::DirtyRing {
+        bytes: 1 << 20,
+        with_bitmap: false,
+    },
+    TrackerSpec::DirtyRing {
+        bytes: 1 << 20,
+        with_bitmap: true,
+    },
+    TrackerSpec::UffdWpAsync,
+    TrackerSpec::UffdWpSync,
+];
 
 /// The huge-page paths (family 6) and the backings each runs on.
 fn huge_paths() -> [(HugePath, &'static [Backing]); 7] {
@@ -168,15 +194,25 @@ pub fn matrix() -> Vec<TrialSpec> {
                     mode,
                 ));
             }
-            if tracker == TrackerSpec::DirtyLog && mode == ExecutionMode::Native {
-                for kind in [AccessKind::PageIdle, AccessKind::Damon] {
-                    out.push(spec(
-                        tracker,
-                        Scenario::Access { kind },
-                        Backing::Anon,
-                        mode,
-                    ));
+            if mode == ExecutionMode::Native {
+                // Issue 11: reclaim of a file backing racing every tracker (native only: an
+                // emulated guest faults the same way, and each lane runs the matrix emulated).
+                out.push(spec(tracker, Scenario::ReclaimFile, Backing::File, mode));
+            }
+            if mode == ExecutionMode::Native && IDLE_TRACKERS.contains(&tracker) {
+                for agent in [IdleAgent::DamonVaddr, IdleAgent::DamonPaddr] {
+                    out.push(spec(tracker, Scenario::Idle { agent }, Backing::Anon, mode));
                 }
+            }
+            if tracker == TrackerSpec::DirtyLog && mode == ExecutionMode::Native {
+                out.push(spec(
+                    tracker,
+                    Scenario::Access {
+                        kind: AccessKind::PageIdle,
+                    },
+                    Backing::Anon,
+                    mode,
+                ));
             }
             for op in [
                 SlotOp::Toggle,
@@ -267,6 +303,13 @@ pub fn selftests() -> Vec<TrialSpec> {
                     path: HugePath::Race { vcpus: 3 },
                 },
                 Backing::Thp,
+            ),
+            (Scenario::ReclaimFile, Backing::File),
+            (
+                Scenario::Idle {
+                    agent: IdleAgent::DamonVaddr,
+                },
+                Backing::Anon,
             ),
         ]);
         for (scenario, backing) in scenarios {

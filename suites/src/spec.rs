@@ -167,8 +167,6 @@ pub enum AccessKind {
     GuestAdNoFlush,
     /// /sys/kernel/mm/page_idle/bitmap.
     PageIdle,
-    /// DAMON (it would use a kdamond the suite creates itself; the check is not written yet).
-    Damon,
 }
 
 impl AccessKind {
@@ -179,7 +177,28 @@ impl AccessKind {
             Self::GuestAd => "access-guest-ad",
             Self::GuestAdNoFlush => "access-guest-ad-noflush",
             Self::PageIdle => "access-page-idle",
-            Self::Damon => "access-damon",
+        }
+    }
+}
+
+/// Which aging agent a [`Scenario::Idle`] trial runs beside the dirty tracker (issue 11).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "agent")]
+pub enum IdleAgent {
+    /// A kdamond the suite creates with DAMON's vaddr operations over this process.
+    DamonVaddr,
+    /// A kdamond the suite creates with DAMON's paddr operations over the guest memory's
+    /// physical frames.
+    DamonPaddr,
+}
+
+impl IdleAgent {
+    /// Name in trial names.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::DamonVaddr => "idle-damon-vaddr",
+            Self::DamonPaddr => "idle-damon-paddr",
         }
     }
 }
@@ -243,6 +262,15 @@ pub enum Scenario {
     /// proptest-state-machine over host/guest interleavings (writes, collect, rearm ranges,
     /// copy, log-flag toggles).
     PropInterleavings,
+    /// Writeback and pageout of a file backing race the tracker while vCPUs write and the
+    /// host harvests: KVM's mappings are zapped and faulted again while logging is on.
+    ReclaimFile,
+    /// An aging agent clears the young state of KVM's mappings while vCPUs write and the host
+    /// harvests.
+    Idle {
+        /// Which agent.
+        agent: IdleAgent,
+    },
 }
 
 impl Scenario {
@@ -265,6 +293,8 @@ impl Scenario {
             Self::GuestTables { case } => case.name().into(),
             Self::Access { kind } => kind.name().into(),
             Self::PropInterleavings => "proptest-interleavings".into(),
+            Self::ReclaimFile => "reclaim-file".into(),
+            Self::Idle { agent } => agent.name().into(),
         }
     }
 
@@ -284,6 +314,8 @@ impl Scenario {
             Self::Memslot { .. } => "memslot",
             Self::GuestTables { .. } => "guest-tables",
             Self::Access { .. } => "access",
+            Self::ReclaimFile => "reclaim",
+            Self::Idle { .. } => "idle",
         }
     }
 
@@ -298,7 +330,7 @@ impl Scenario {
             ),
             (
                 Self::Access {
-                    kind: AccessKind::PageIdle | AccessKind::Damon,
+                    kind: AccessKind::PageIdle,
                 },
                 _,
             ) => Err("this access trial checks access bits, not a dirty tracker's report"),
@@ -310,7 +342,9 @@ impl Scenario {
                 }
                 | Self::Memslot {
                     op: SlotOp::Toggle | SlotOp::ManyConcurrent,
-                },
+                }
+                | Self::ReclaimFile
+                | Self::Idle { .. },
                 _,
             ) => Err(
                 "the guest writes while the host harvests: whether a page left writable is \

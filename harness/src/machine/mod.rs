@@ -258,6 +258,13 @@ impl Machine {
         &self.data
     }
 
+    /// The data region's memory, shared: for a host agent that works on it from its own
+    /// thread while the vCPUs run (writeback and reclaim of a file backing).
+    #[must_use]
+    pub fn data_shared(&self) -> Arc<GuestMemory> {
+        Arc::clone(&self.data)
+    }
+
     /// Binary stats of every vCPU now.
     #[must_use]
     pub fn vcpu_stats(&self) -> Vec<StatsSnapshot> {

@@ -11,8 +11,8 @@
 //! and the accesses) and is judged by the content oracle, the page-table pages included.
 //! Results: (accessed, reported, missed, miss rate) for A and for D.
 //!
-//! page_idle and DAMON trials are in the matrix so hosts that have them show it; their
-//! checks are not written yet, so where the host offers them they skip saying so.
+//! The page_idle trial is in the matrix so hosts that have it show it; its check is not
+//! written yet, so where the host offers it it skips saying so. DAMON is the `idle` family.
 
 use std::collections::BTreeSet;
 
@@ -127,11 +127,10 @@ impl Tally {
     }
 }
 
-/// Whether the host can run `kind` at all (page_idle and DAMON have their own support).
+/// Whether the host can run `kind` at all (page_idle has its own support).
 pub(super) fn precheck(kind: AccessKind, host: &HostProfile) -> Result<(), String> {
     let mech = match kind {
         AccessKind::PageIdle => trackcheck_harness::Mechanism::PageIdle,
-        AccessKind::Damon => trackcheck_harness::Mechanism::Damon,
         AccessKind::GuestAd | AccessKind::GuestAdNoFlush => {
             trackcheck_harness::Mechanism::GuestAdBits
         }
@@ -151,7 +150,7 @@ pub(super) fn run(
     let flush = match kind {
         AccessKind::GuestAd => true,
         AccessKind::GuestAdNoFlush => false,
-        AccessKind::PageIdle | AccessKind::Damon => {
+        AccessKind::PageIdle => {
             return Err(TrialError::Skip(format!(
                 "{}: this host offers it, but trackcheck's {} check is not written yet",
                 kind.name(),

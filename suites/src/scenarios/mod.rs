@@ -5,9 +5,11 @@ mod access;
 mod concurrent;
 mod content;
 mod crosscheck;
+mod damon;
 mod driver;
 mod geometry;
 mod huge;
+mod idle;
 #[cfg_attr(
     not(target_arch = "x86_64"),
     expect(
@@ -20,6 +22,7 @@ mod kvm_writes;
 mod memslot;
 pub(crate) mod phase;
 mod property;
+mod reclaim;
 pub(crate) mod stepped;
 mod tables;
 
@@ -185,6 +188,8 @@ pub fn data_pages(scenario: &Scenario) -> u64 {
         Scenario::Memslot { op } => memslot::data_pages(*op),
         Scenario::GuestTables { case } => tables::data_pages(*case),
         Scenario::Access { .. } => access::PAGES,
+        Scenario::ReclaimFile => reclaim::PAGES,
+        Scenario::Idle { .. } => idle::PAGES,
     }
 }
 
@@ -267,6 +272,12 @@ pub fn precheck(spec: &TrialSpec, host: &HostProfile) -> Result<(), String> {
     if let Scenario::Access { kind } = spec.scenario {
         access::precheck(kind, host)?;
     }
+    if spec.scenario == Scenario::ReclaimFile {
+        reclaim::precheck(spec)?;
+    }
+    if let Scenario::Idle { agent } = spec.scenario {
+        idle::precheck(agent, host)?;
+    }
     if let Scenario::GuestTables { case } = spec.scenario
         && host.kernel.arch != "x86_64"
     {
@@ -309,6 +320,8 @@ pub fn run(spec: &TrialSpec, seed: u64) -> Result<Findings, TrialError> {
         Scenario::Memslot { op } => memslot::run(spec, op, seed, &mut tracker),
         Scenario::GuestTables { case } => tables::run(spec, case, seed, &mut tracker),
         Scenario::Access { kind } => access::run(spec, kind, seed, &mut tracker),
+        Scenario::ReclaimFile => reclaim::run(spec, seed, &mut tracker),
+        Scenario::Idle { agent } => idle::run(spec, agent, seed, &mut tracker),
     };
     let mut findings = match (outcome, tracker.get().failure()) {
         // A vCPU blocked because the tracker's own machinery failed (a uffd handler thread

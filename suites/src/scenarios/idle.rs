@@ -1,0 +1,218 @@
+//! Idle-bit clears racing dirty tracking (issue 11): an aging agent clears the young state of
+//! KVM's mappings of guest memory through the MMU notifiers while the vCPUs write and the host
+//! harvests, through the concurrent driver and its per-harvest check (see `concurrent`).
+//!
+//! Agents: a kdamond the suite creates (see `damon`) over the guest memory's virtual range
+//! (`idle-damon-vaddr`: DAMON's fvaddr operations, or vaddr over the whole process where
+//! fvaddr is not offered) or over its physical frames, read from /proc/self/pagemap
+//! (`idle-damon-paddr`). Two `stat` schemes count the regions tried and those found young. On hosts whose KVM mappings lack accessed bits,
+//! aging turns KVM's entries into access-tracked ones that the fast page-fault path restores
+//! (with write access): the path that has lost dirty state before.
+//!
+//! Judgement: the concurrent driver's oracles (no written page lost). Proof the aging ran over
+//! guest memory, or the verdict is not-exercised: regions found young by the second scheme
+//! where DAMON watched only the guest memory (fvaddr, paddr: its frames, the closest runs
+//! merged), or regions over the guest memory with `nr_accesses` > 0 in snapshots of kdamond's
+//! tried regions taken while the vCPUs run (samples that found a page young again after
+//! kdamond cleared it). What this cannot see: how many clears reached KVM (tracefs counts of
+//! `kvm_age_hva` are not read yet), nor which clear preceded a lost write.
+
+use trackcheck_harness::HostProfile;
+use trackcheck_harness::machine::RunView;
+use trackcheck_harness::oracle::Shadow;
+use trackcheck_harness::track::dirty_ring::host_page_bytes;
+
+use super::concurrent::drive_program_with;
+use super::damon::{
+    AGGR_US, Kdamond, MAX_PADDR_REGIONS, Ops, SAMPLE_US, SetupError, UPDATE_US, ranges_of,
+};
+use super::{Findings, TrialError, TrialTracker};
+use crate::programs;
+use crate::spec::{IdleAgent, Pattern, TrialSpec};
+
+/// Data pages.
+pub(super) const PAGES: u64 = 2048;
+/// vCPUs writing (random: every page is written again and again, so aging finds it young).
+const VCPUS: usize = 2;
+/// Tried-region snapshots while the vCPUs run (every [`EVERY`] harvests), besides the last.
+const SNAPSHOTS: u32 = 4;
+/// Harvests between snapshots.
+const EVERY: u32 = 3;
+
+const fn ops(agent: IdleAgent) -> Ops {
+    match agent {
+        IdleAgent::DamonVaddr => Ops::Vaddr,
+        IdleAgent::DamonPaddr => Ops::Paddr,
+    }
+}
+
+/// Whether the host can run `agent`; the reason if not (as the machine's DAMON support says:
+/// no sysfs interface, or a kdamond the suite did not create).
+pub(super) fn precheck(agent: IdleAgent, host: &HostProfile) -> Result<(), String> {
+    let a = &host.access;
+    let mech = trackcheck_harness::Mechanism::Damon;
+    if !a.damon_sysfs || !a.kdamonds.is_empty() {
+        return Err(format!(
+            "{mech}: {}",
+            mech.support(host).reason().unwrap_or("unsupported")
+        ));
+    }
+    let op = ops(agent).name();
+    if !a.damon_operations.is_empty() && !a.damon_operations.iter().any(|o| o == op) {
+        return Err(format!(
+            "{mech}: DAMON offers only {} here; {op} is absent",
+            a.damon_operations.join(",")
+        ));
+    }
+    Ok(())
+}
+
+/// Byte addresses of the host frames behind `[addr, addr + len)`, sorted (from
+/// /proc/self/pagemap; root sees the frame numbers).
+fn frames(addr: u64, len: u64) -> Result<Vec<u64>, TrialError> {
+    use std::os::unix::fs::FileExt;
+    let page = host_page_bytes();
+    let pages = usize::try_from(len.div_ceil(page)).unwrap_or(0);
+    let file = std::fs::File::open("/proc/self/pagemap")
+        .map_err(|e| TrialError::Skip(format!("/proc/self/pagemap: {e}")))?;
+    let mut buf = vec![0u8; pages * 8];
+    file.read_exact_at(&mut buf, addr / page * 8)
+        .map_err(|e| TrialError::Error(format!("read /proc/self/pagemap: {e}")))?;
+    let mut out: Vec<u64> = buf
+        .chunks_exact(8)
+        .filter_map(|c| {
+            let e = u64::from_le_bytes(c.try_into().unwrap_or([0; 8]));
+            let pfn = e & ((1 << 55) - 1);
+            (e >> 63 == 1 && pfn != 0).then_some(pfn * page)
+        })
+        .collect();
+    if out.is_empty() {
+        return Err(TrialError::Skip(
+            "/proc/self/pagemap shows no frame numbers of the guest memory (they need \
+             CAP_SYS_ADMIN): paddr cannot be pointed at it"
+                .into(),
+        ));
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// What the snapshots saw.
+#[derive(Debug, Default)]
+struct Seen {
+    snapshots: u32,
+    /// Regions over guest memory, summed over snapshots.
+    regions: u64,
+    /// Their bytes, summed over snapshots.
+    bytes: u64,
+    /// Of those, regions found young at least once in their aggregation.
+    young: u64,
+    /// Sum and maximum of their nr_accesses.
+    accesses: u64,
+    max: u64,
+}
+
+impl Seen {
+    fn take(&mut self, kd: &Kdamond, within: &[(u64, u64)]) -> Result<(), TrialError> {
+        let regions = kd.tried_regions(within).map_err(setup)?;
+        self.snapshots += 1;
+        self.regions += regions.len() as u64;
+        for r in &regions {
+            self.bytes += r.end - r.start;
+            self.young += u64::from(r.nr_accesses > 0);
+            self.accesses += r.nr_accesses;
+            self.max = self.max.max(r.nr_accesses);
+        }
+        Ok(())
+    }
+}
+
+fn setup(e: SetupError) -> TrialError {
+    match e {
+        SetupError::Unsupported(why) => TrialError::Skip(format!("damon: {why}")),
+        SetupError::Failed(why) => TrialError::Error(format!("DAMON sysfs: {why}")),
+    }
+}
+
+pub(super) fn run(
+    spec: &TrialSpec,
+    agent: IdleAgent,
+    seed: u64,
+    tracker: &mut TrialTracker,
+) -> Result<Findings, TrialError> {
+    let program = programs::concurrent(seed, Pattern::Random, VCPUS, PAGES);
+    let mut m = super::machine(spec, spec.tracker.ring_bytes())?;
+    let (addr, len) = (m.data().host_addr(), m.data().mapped_len());
+    let ops = ops(agent);
+    // Where guest memory is, in DAMON's addresses; paddr monitors the closest-merged runs.
+    let (within, ranges) = match ops {
+        Ops::Vaddr => (vec![(addr, addr + len)], vec![(addr, addr + len)]),
+        Ops::Paddr => {
+            let f = frames(addr, len)?;
+            let page = host_page_bytes();
+            (
+                ranges_of(&f, page, usize::MAX),
+                ranges_of(&f, page, MAX_PADDR_REGIONS),
+            )
+        }
+    };
+    let kd = Kdamond::start(ops, &ranges).map_err(setup)?;
+    let pid = kd.pid();
+    let (ops_name, kd_ranges_empty) = (kd.ops_name, kd.ranges.is_empty());
+    let mut seen = Seen::default();
+    let mut sample = |_: &RunView<'_>, harvest: u32, _: &[u64], _: &mut Shadow| {
+        if harvest.is_multiple_of(EVERY) && seen.snapshots < SNAPSHOTS {
+            seen.take(&kd, &within)?;
+        }
+        Ok(())
+    };
+    let driven = drive_program_with(&mut m, &program, tracker.get(), &mut sample);
+    // The last snapshot and the counters, with kdamond still on; then it goes.
+    let last = seen
+        .take(&kd, &within)
+        .and_then(|()| kd.stats().map_err(setup));
+    drop(kd);
+    let mut findings = driven?;
+    let [all, young] = last?;
+    // Scheme 1's young regions are the guest's where DAMON watched only guest memory.
+    let confined = !kd_ranges_empty;
+    m.detach(tracker.get())?;
+    findings.evidence.push(format!(
+        "DAMON {ops_name} kdamond{} made by the suite (sample {SAMPLE_US} us, aggregation {AGGR_US} us, update {UPDATE_US} us; {}), removed after; stat schemes: {} regions tried ({} bytes), {} of them found young ({} bytes){}; {} tried-region snapshots: {} regions ({} bytes) over the guest memory, {} of them found young (nr_accesses sum {}, max {} of {} samples per aggregation)",
+        pid.map(|p| format!(" pid {p}")).unwrap_or_default(),
+        match (ops, confined) {
+            (Ops::Paddr, _) => format!("{} physical ranges holding the guest memory", ranges.len()),
+            (Ops::Vaddr, true) => "the guest memory's virtual range".to_string(),
+            (Ops::Vaddr, false) => "the whole process: fvaddr is not offered".to_string(),
+        },
+        all.nr_tried,
+        all.sz_tried,
+        young.nr_tried,
+        young.sz_tried,
+        if confined { "" } else { " anywhere in the process" },
+        seen.snapshots,
+        seen.regions,
+        seen.bytes,
+        seen.young,
+        seen.accesses,
+        seen.max,
+        AGGR_US / SAMPLE_US
+    ));
+    findings.not_exercised = if all.nr_tried == 0 {
+        Some("DAMON's stat scheme tried no region: kdamond never aggregated".into())
+    } else if seen.young == 0 && !(confined && young.nr_tried > 0) {
+        Some(format!(
+            "DAMON never found the guest memory young ({} young regions{}, none in {} snapshots over the guest memory): the aging is not shown to have reached the guest's pages",
+            young.nr_tried,
+            if confined {
+                ""
+            } else {
+                " anywhere in the process"
+            },
+            seen.snapshots
+        ))
+    } else {
+        None
+    };
+    Ok(findings)
+}
