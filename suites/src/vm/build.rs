@@ -22,6 +22,9 @@ pub fn build_initramfs(
         "proc",
         "sys",
         "tmp",
+        // reclaim-file's backing directory: on the initramfs it is memory-only, so those
+        // trials skip naming the filesystem (a lane has no disk).
+        "var/tmp",
         "run",
         "lane/out",
         "lane/modules",

@@ -121,6 +121,9 @@ impl Qemu {
             "transparent_hugepage=always".into(),
             // A process killed by a signal leaves its registers in the kernel log.
             "print-fatal-signals=1".into(),
+            // From 7.x DAMON_STAT starts an exclusive kdamond at boot, and DAMON then refuses
+            // every other one (EBUSY): the idle-damon trials need their own.
+            "damon_stat.enabled=N".into(),
         ];
         if config.hugepages_1g > 0 {
             append.push("hugepagesz=1G".into());
