@@ -8,6 +8,17 @@ use super::kernel::Kernel;
 use super::modules;
 use super::{Arch, VmConfig, VmError, io};
 
+/// Modules for reclaim-file's disk in the lane: a RAM block device (`brd`) that `/init`
+/// formats ext2 (busybox `mke2fs`) and mounts at `/var/tmp` with the ext4 driver. Its pages
+/// are written back through the block layer as on any disk (`folio_mkclean` write-protects the
+/// mappings, KVM zaps its own), only faster; tmpfs, the lane's other filesystem, has no
+/// writeback and is refused by the `file` backing. Up to 6.x ext4 asks the crypto API for
+/// crc32c at every mount, a soft dependency `.modinfo` names only as an alias; from 7.x it is
+/// a library function and `crc32c_generic` is gone.
+const DISK_MODULES: &[&str] = &["brd", "crc32c_generic", "ext4"];
+/// One 256 MiB RAM disk (`rd_size` is in KiB; its pages are allocated as written).
+const BRD_PARAMS: &str = " rd_nr=1 rd_size=262144";
+
 /// Build the initramfs; returns its path.
 pub fn build_initramfs(
     config: &VmConfig,
@@ -22,8 +33,8 @@ pub fn build_initramfs(
         "proc",
         "sys",
         "tmp",
-        // reclaim-file's backing directory: on the initramfs it is memory-only, so those
-        // trials skip naming the filesystem (a lane has no disk).
+        // reclaim-file's backing directory: init mounts an ext2 RAM disk there (see
+        // DISK_MODULES); without one it stays on the initramfs and those trials skip.
         "var/tmp",
         "run",
         "lane/out",
@@ -51,12 +62,30 @@ pub fn build_initramfs(
         if wanted.is_empty() {
             progress("modules: no KVM module among them: KVM must be built in");
         }
-        let order = modules::load_order(&index, &wanted, kernel.release.as_deref())?;
+        let mut order = modules::load_order(&index, &wanted, kernel.release.as_deref())?;
+        // The disk reclaim-file's backing needs, where modular (built in, or absent or not
+        // loadable: then /var/tmp stays on the initramfs and those trials skip naming it).
+        let disk: Vec<&str> = DISK_MODULES
+            .iter()
+            .copied()
+            .filter(|m| index.contains_key(*m))
+            .collect();
+        match modules::load_order(&index, &disk, kernel.release.as_deref()) {
+            Ok(extra) => {
+                for m in extra {
+                    if !order.iter().any(|o| o.info.name == m.info.name) {
+                        order.push(m);
+                    }
+                }
+            }
+            Err(e) => progress(&format!("modules: reclaim-file's disk left out: {e}")),
+        }
         for m in &order {
             let file = format!("{}.ko", m.info.name);
             fs.file(&format!("/lane/modules/{file}"), m.object.clone(), false);
             let params = match m.info.name.as_str() {
                 "kvm" if config.arch == Arch::X86_64 => " force_emulation_prefix=1",
+                "brd" => BRD_PARAMS,
                 _ => "",
             };
             list.push_str(&format!("{file}{params}\n"));

@@ -19,6 +19,13 @@ while read -r file params; do
     echo "=== lane: insmod $file failed"
   fi
 done < /lane/modules.list
+# reclaim-file's disk (see DISK_MODULES in build.rs): ext2 on a RAM block device at /var/tmp.
+if [ -b /dev/ram0 ] && mke2fs -F /dev/ram0 >/dev/null 2>&1 \
+  && { mount -t ext4 /dev/ram0 /var/tmp 2>/dev/null || mount -t ext2 /dev/ram0 /var/tmp; }; then
+  echo "=== lane: /var/tmp: ext2 on /dev/ram0 ($(grep ' /var/tmp ' /proc/mounts | cut -d' ' -f3))"
+else
+  echo "=== lane: /var/tmp: no ext2 RAM disk (brd or ext4 missing, or mount failed): reclaim-file skips"
+fi
 # run NAME CMD...: output to the console and /lane/out/NAME.log, status to /lane/out/NAME.rc
 run() {
   name=$1; shift
