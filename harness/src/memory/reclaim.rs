@@ -55,27 +55,44 @@ impl GuestMemory {
 
     /// Write back every dirty page of a [`Backing::File`] mapping and wait for it.
     pub fn writeback(&self, how: Writeback) -> Result<(), MemoryError> {
+        self.writeback_range(how, 0, self.mapped)
+    }
+
+    /// [`GuestMemory::writeback`] of `len` bytes from `offset` (both multiples of the host's
+    /// page size, inside the mapping).
+    pub fn writeback_range(
+        &self,
+        how: Writeback,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), MemoryError> {
         if self.backing != Backing::File {
             return Err(self.not_file("writeback"));
         }
-        let len = usize::try_from(self.mapped).unwrap_or(usize::MAX);
+        let (start, bytes) = self.host_range(offset, len)?;
         let ret = match how {
-            // SAFETY: ptr..ptr+mapped is exactly the mapping this value owns; msync reads the
-            // page tables and writes the file, it changes no byte of the mapping.
+            // SAFETY: host_range checked that start..start+bytes lies inside the mapping this
+            // value owns, page-aligned; msync reads the page tables and writes the file, it
+            // changes no byte of the mapping.
             Writeback::Msync => unsafe {
-                libc::msync(self.ptr.as_ptr().cast(), len, libc::MS_SYNC)
+                libc::msync(
+                    self.ptr.as_ptr().wrapping_add(start).cast(),
+                    bytes,
+                    libc::MS_SYNC,
+                )
             },
             Writeback::SyncFileRange => {
                 let Some(fd) = self.fd.as_ref() else {
                     return Err(self.not_file("sync_file_range"));
                 };
-                let bytes = libc::off64_t::try_from(self.mapped).unwrap_or(libc::off64_t::MAX);
+                let off = libc::off64_t::try_from(offset).unwrap_or(libc::off64_t::MAX);
+                let n = libc::off64_t::try_from(bytes).unwrap_or(libc::off64_t::MAX);
                 let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
                     | libc::SYNC_FILE_RANGE_WRITE
                     | libc::SYNC_FILE_RANGE_WAIT_AFTER;
                 // SAFETY: a plain call on the file descriptor this value owns; it touches no
                 // memory of this process.
-                unsafe { libc::sync_file_range(fd.as_raw_fd(), 0, bytes, flags) }
+                unsafe { libc::sync_file_range(fd.as_raw_fd(), off, n, flags) }
             }
         };
         if ret == 0 {
@@ -88,30 +105,61 @@ impl GuestMemory {
     /// `MADV_PAGEOUT` over a [`Backing::File`] mapping: evict its clean pages from the page
     /// cache (dirty ones stay).
     pub fn page_out(&self) -> Result<(), MemoryError> {
+        self.page_out_range(0, self.mapped)
+    }
+
+    /// [`GuestMemory::page_out`] of `len` bytes from `offset` (multiples of the host's page
+    /// size, inside the mapping).
+    pub fn page_out_range(&self, offset: u64, len: u64) -> Result<(), MemoryError> {
         if self.backing != Backing::File {
             return Err(self.not_file("pageout"));
         }
-        self.advise(libc::MADV_PAGEOUT)
-            .map_err(|source| MemoryError::Sys {
-                call: "madvise(MADV_PAGEOUT)",
-                backing: self.backing,
-                bytes: self.mapped,
-                source,
-            })
+        let (start, bytes) = self.host_range(offset, len)?;
+        // SAFETY: host_range checked that start..start+bytes lies inside the mapping this
+        // value owns, page-aligned; MADV_PAGEOUT only drops clean pages, which the file keeps.
+        let ret = unsafe {
+            libc::madvise(
+                self.ptr.as_ptr().wrapping_add(start).cast(),
+                bytes,
+                libc::MADV_PAGEOUT,
+            )
+        };
+        if ret == 0 {
+            Ok(())
+        } else {
+            Err(self.sys_error("madvise(MADV_PAGEOUT)"))
+        }
     }
 
     /// Residency of each host page of the mapping now (`mincore`: in the page cache or not),
     /// into `out` (resized to the count of host pages, of the host's page size); the number
     /// resident.
     pub fn resident(&self, out: &mut Vec<u8>) -> Result<u64, MemoryError> {
-        let page = crate::track::dirty_ring::host_page_bytes();
-        let pages = usize::try_from(self.mapped.div_ceil(page)).unwrap_or(0);
+        self.resident_range(0, self.mapped, out)
+    }
+
+    /// [`GuestMemory::resident`] of `len` bytes from `offset` (multiples of the host's page
+    /// size, inside the mapping): `out[i]` is the host page at `offset` plus `i` pages.
+    pub fn resident_range(
+        &self,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<u8>,
+    ) -> Result<u64, MemoryError> {
+        let (start, bytes) = self.host_range(offset, len)?;
+        let page = usize::try_from(crate::track::dirty_ring::host_page_bytes()).unwrap_or(4096);
         out.clear();
-        out.resize(pages, 0);
-        let len = usize::try_from(self.mapped).unwrap_or(usize::MAX);
-        // SAFETY: `out` was just sized to one byte per 4 KiB page of ptr..ptr+mapped, the
-        // mapping this value owns; mincore writes only those bytes and reads no guest memory.
-        let ret = unsafe { libc::mincore(self.ptr.as_ptr().cast(), len, out.as_mut_ptr()) };
+        out.resize(bytes.div_ceil(page), 0);
+        // SAFETY: host_range checked that start..start+bytes lies inside the mapping this
+        // value owns; `out` was just sized to one byte per host page of it, and mincore writes
+        // only those bytes and reads no guest memory.
+        let ret = unsafe {
+            libc::mincore(
+                self.ptr.as_ptr().wrapping_add(start).cast(),
+                bytes,
+                out.as_mut_ptr(),
+            )
+        };
         if ret != 0 {
             return Err(self.sys_error("mincore"));
         }
@@ -119,6 +167,26 @@ impl GuestMemory {
             *b &= 1;
         }
         Ok(out.iter().map(|&b| u64::from(b)).sum())
+    }
+
+    /// `offset..offset+len` as a byte range of the mapping, checked: inside it, aligned to the
+    /// host's page size (the last range may end at the mapping's end).
+    fn host_range(&self, offset: u64, len: u64) -> Result<(usize, usize), MemoryError> {
+        let page = crate::track::dirty_ring::host_page_bytes();
+        let end = offset.checked_add(len).filter(|&e| e <= self.mapped);
+        if end.is_none() || !offset.is_multiple_of(page) || len == 0 {
+            return Err(MemoryError::Unsupported {
+                backing: self.backing,
+                reason: format!(
+                    "range {offset:#x}+{len:#x} is not a page-aligned, non-empty part of the {:#x}-byte mapping",
+                    self.mapped
+                ),
+            });
+        }
+        Ok((
+            usize::try_from(offset).unwrap_or(usize::MAX),
+            usize::try_from(len).unwrap_or(usize::MAX),
+        ))
     }
 }
 
@@ -152,5 +220,47 @@ mod tests {
         }
         let anon = GuestMemory::new(Backing::Anon, 4096).expect("maps");
         assert!(anon.writeback(Writeback::Msync).is_err());
+    }
+
+    /// A range is written back and paged out alone: the pages outside it stay resident; a
+    /// range outside the mapping or not page-aligned is refused, naming it.
+    #[test]
+    fn ranges_touch_only_their_pages() {
+        if let Some(why) = crate::memory::file_refusal() {
+            eprintln!("skip: {why}");
+            return;
+        }
+        let page = crate::track::dirty_ring::host_page_bytes();
+        let mem = GuestMemory::new(Backing::File, 64 * page).expect("maps a file");
+        mem.populate().expect("populates");
+        for p in 0..64 {
+            mem.write_u64(p * page, 0xC4A0_0000 + p);
+        }
+        mem.writeback_range(Writeback::Msync, 16 * page, 16 * page)
+            .expect("writes back");
+        mem.page_out_range(16 * page, 16 * page).expect("pages out");
+        let mut resident = Vec::new();
+        mem.resident_range(0, 16 * page, &mut resident)
+            .expect("mincore");
+        assert_eq!(resident.len(), 16);
+        assert!(
+            resident.iter().all(|&r| r == 1),
+            "pages before the range were evicted"
+        );
+        mem.resident_range(16 * page, 16 * page, &mut resident)
+            .expect("mincore");
+        assert!(
+            resident.contains(&0),
+            "pageout of the written-back range evicted nothing"
+        );
+        for p in 0..64 {
+            assert_eq!(mem.read_u64(p * page), 0xC4A0_0000 + p, "page {p}");
+        }
+        let err = mem.page_out_range(7, page).expect_err("misaligned");
+        assert!(err.to_string().contains("page-aligned"), "{err}");
+        assert!(
+            mem.writeback_range(Writeback::Msync, 60 * page, 8 * page)
+                .is_err()
+        );
     }
 }
