@@ -190,6 +190,11 @@ pub(super) fn run(
     };
     findings.evidence.push(proof.summary(&ager));
     findings.not_exercised = proof.not_exercised();
+    ager.close().map_err(|e| {
+        TrialError::Error(format!(
+            "MGLRU: host settings not restored after the run: {e}"
+        ))
+    })?;
     Ok(findings)
 }
 

@@ -222,26 +222,66 @@ impl Ager {
     }
 }
 
-impl Drop for Ager {
-    fn drop(&mut self) {
-        if let Some(home) = &self.home {
-            let _ = std::fs::write(home.join("cgroup.procs"), std::process::id().to_string());
+impl Ager {
+    /// Put everything back (see the module doc); what was left as it should not be, if
+    /// anything.
+    fn restore(&mut self) -> Vec<String> {
+        let mut left = Vec::new();
+        if let Some(home) = self.home.take() {
+            let procs = home.join("cgroup.procs");
+            if let Err(e) = std::fs::write(&procs, std::process::id().to_string()) {
+                left.push(format!("move back into {}: {e}", procs.display()));
+            }
         }
-        if let Some(dir) = &self.dir {
+        if let Some(dir) = self.dir.take() {
             // The move is synchronous, but a just-emptied cgroup can be busy for a moment.
+            let mut last = None;
             for _ in 0..50 {
-                if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
-                    break;
+                match std::fs::remove_dir(&dir) {
+                    Ok(()) => {
+                        last = None;
+                        break;
+                    }
+                    Err(e) => last = Some(e),
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }
+            if let Some(e) = last {
+                left.push(format!("rmdir {}: {e}", dir.display()));
+            }
         }
-        if let Some(control) = &self.offered {
-            let _ = std::fs::write(control, "-memory");
+        if let Some(control) = self.offered.take()
+            && let Err(e) = std::fs::write(&control, "-memory")
+        {
+            left.push(format!("write -memory to {}: {e}", control.display()));
         }
-        if let Some(before) = self.enabled_before {
-            let _ = std::fs::write(ENABLED, format!("{before:#x}"));
+        if let Some(before) = self.enabled_before.take() {
+            match std::fs::write(ENABLED, format!("{before:#x}")).map(|()| enabled_bits()) {
+                Ok(Ok(now)) if now == before => {}
+                Ok(Ok(now)) => left.push(format!(
+                    "{ENABLED} reads {now:#06x} after restoring {before:#06x}"
+                )),
+                Ok(Err(e)) => left.push(format!("{e:?}")),
+                Err(e) => left.push(format!("restore {ENABLED} to {before:#x}: {e}")),
+            }
         }
+        left
+    }
+
+    /// Put everything back now and check it: an error names what was left changed.
+    pub(super) fn close(mut self) -> Result<(), String> {
+        let left = self.restore();
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(left.join("; "))
+        }
+    }
+}
+
+impl Drop for Ager {
+    fn drop(&mut self) {
+        let _ = self.restore();
     }
 }
 
