@@ -347,6 +347,8 @@ pub(super) struct Tally {
     /// max_seq of the first node before the first pass and after the last.
     pub first_seq: u64,
     pub last_seq: u64,
+    /// The most anon pages the memcg's generations held at one reading.
+    pub max_anon: u64,
     /// Passes (one command per node, then a reading of `lru_gen`).
     pub passes: u64,
     /// How long the thread aged.
@@ -391,25 +393,28 @@ impl Drop for Aging {
     }
 }
 
-/// max_seq per node of `nodes` for the cgroup `name`, as `lru_gen` shows them now.
-fn max_seqs(name: &str, nodes: &[u32]) -> Option<Vec<u64>> {
+/// max_seq per node of `nodes` for the cgroup `name`, and its anon pages, as `lru_gen` shows
+/// them now.
+fn reading(name: &str, nodes: &[u32]) -> Option<(Vec<u64>, u64)> {
     let all = memcgs(false).ok()?;
     let m = lru_gen::find(&all, name)?;
-    nodes
+    let seqs = nodes
         .iter()
         .map(|nid| m.nodes.iter().find(|n| n.nid == *nid).map(|n| n.max_seq))
-        .collect()
+        .collect::<Option<Vec<u64>>>()?;
+    Some((seqs, m.anon()))
 }
 
 /// The aging loop: per pass, one command per node at its max_seq, then max_seq read again.
 fn aging(name: &str, id: u64, nodes: &[u32], stop: &AtomicBool, bumps: &AtomicU64) -> Tally {
     let start = Instant::now();
     let mut t = Tally::default();
-    let Some(mut seqs) = max_seqs(name, nodes) else {
+    let Some((mut seqs, anon)) = reading(name, nodes) else {
         t.errors += 1;
         t.first_error = Some(format!("{LRU_GEN} lost memcg {name}"));
         return t;
     };
+    t.max_anon = anon;
     t.first_seq = seqs.first().copied().unwrap_or(0);
     t.last_seq = t.first_seq;
     while !stop.load(Ordering::Acquire) {
@@ -423,7 +428,8 @@ fn aging(name: &str, id: u64, nodes: &[u32], stop: &AtomicBool, bumps: &AtomicU6
                 }
             }
         }
-        if let Some(now) = max_seqs(name, nodes) {
+        if let Some((now, anon)) = reading(name, nodes) {
+            t.max_anon = t.max_anon.max(anon);
             for (old, new) in seqs.iter().zip(&now) {
                 if new > old {
                     t.bumps += new - old;
