@@ -190,6 +190,23 @@ pub struct AccessFacts {
     pub kdamonds: Vec<Kdamond>,
     /// Operation sets DAMON offers here, if known.
     pub damon_operations: Vec<String>,
+    /// /sys/kernel/mm/lru_gen/enabled (multi-gen LRU's feature bits: 0x1 on, 0x2 aging walks
+    /// page tables, 0x4 non-leaf PMD young bits), if CONFIG_LRU_GEN is built in.
+    #[serde(default)]
+    pub lru_gen_enabled: Option<u32>,
+    /// Whether debugfs is mounted at /sys/kernel/debug (readable by this process).
+    #[serde(default)]
+    pub debugfs: bool,
+    /// Whether debugfs has MGLRU's `lru_gen` file (aging is forced through it).
+    #[serde(default)]
+    pub lru_gen_debugfs: bool,
+    /// Where cgroup2 is mounted, if it is.
+    #[serde(default)]
+    pub cgroup2: Option<String>,
+    /// Controllers cgroup2's root offers (`cgroup.controllers`): `memory` is absent where cgroup
+    /// v1 holds it.
+    #[serde(default)]
+    pub cgroup2_controllers: Vec<String>,
 }
 
 /// One kdamond found at probe time.
@@ -278,6 +295,12 @@ impl HostProfile {
         let series = kernel_series(&self.kernel.release).unwrap_or_else(|| "unknown".into());
         format!("{}@{series}", self.key())
     }
+}
+
+/// Where cgroup2 is mounted now (its hierarchy's root), if it is.
+#[must_use]
+pub fn cgroup2_mount() -> Option<String> {
+    access::cgroup2_mount(&fs::read_to_string("/proc/self/mountinfo").unwrap_or_default())
 }
 
 fn read_trim(path: impl AsRef<Path>) -> Option<String> {

@@ -80,11 +80,15 @@ pub enum Mechanism {
     /// DAMON access monitoring.
     #[serde(rename = "damon")]
     Damon,
+    /// Multi-gen LRU aging, forced through debugfs (`lru_gen`) on a memory cgroup of the
+    /// suite's own.
+    #[serde(rename = "mglru")]
+    Mglru,
 }
 
 impl Mechanism {
     /// Every mechanism, in report order.
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 11] = [
         Self::DirtyLog,
         Self::ClearLog,
         Self::ClearLogInitiallySet,
@@ -95,6 +99,7 @@ impl Mechanism {
         Self::GuestAdBits,
         Self::PageIdle,
         Self::Damon,
+        Self::Mglru,
     ];
 
     /// Name used in trial names, reports and `TRACKCHECK_REQUIRE`.
@@ -111,6 +116,7 @@ impl Mechanism {
             Self::GuestAdBits => "guest-ad-bits",
             Self::PageIdle => "page-idle",
             Self::Damon => "damon",
+            Self::Mglru => "mglru",
         }
     }
 
@@ -160,7 +166,7 @@ impl Mechanism {
                     )
                 }
             }
-            Self::UffdWpAsync | Self::UffdWpSync | Self::PageIdle | Self::Damon => {
+            Self::UffdWpAsync | Self::UffdWpSync | Self::PageIdle | Self::Damon | Self::Mglru => {
                 self.support_without_kvm(host)
             }
             Self::GuestAdBits => {
@@ -176,7 +182,7 @@ impl Mechanism {
     fn needs_kvm(self) -> bool {
         !matches!(
             self,
-            Self::UffdWpAsync | Self::UffdWpSync | Self::PageIdle | Self::Damon
+            Self::UffdWpAsync | Self::UffdWpSync | Self::PageIdle | Self::Damon | Self::Mglru
         )
     }
 
@@ -247,6 +253,7 @@ impl Mechanism {
                 }
                 Support::Yes
             }
+            Self::Mglru => mglru_support(&host.access),
             _ => Support::no("KVM unavailable"),
         }
     }
@@ -272,6 +279,42 @@ impl std::str::FromStr for Mechanism {
                     names.join(", ")
                 )
             })
+    }
+}
+
+/// Whether MGLRU aging can be forced here and reach KVM's mappings (as far as the host's facts
+/// say; whether the suite may change them is the scenario's question).
+fn mglru_support(a: &crate::host::AccessFacts) -> Support {
+    let Some(enabled) = a.lru_gen_enabled else {
+        return Support::no(
+            "/sys/kernel/mm/lru_gen is absent (CONFIG_LRU_GEN=n): no multi-gen LRU",
+        );
+    };
+    if !a.debugfs {
+        return Support::no(
+            "debugfs is not mounted at /sys/kernel/debug (or not readable): MGLRU aging is \
+             forced through its lru_gen file",
+        );
+    }
+    if !a.lru_gen_debugfs {
+        return Support::no("debugfs has no lru_gen file: MGLRU aging cannot be forced");
+    }
+    if enabled & 1 == 1 && enabled & 2 == 0 {
+        return Support::no(format!(
+            "lru_gen/enabled is {enabled:#06x}: without 0x2 MGLRU aging never walks page tables \
+             (no hardware accessed bit: arm64 without FEAT_HAFDBS; or the machine cleared it), \
+             so it never reaches KVM's mappings"
+        ));
+    }
+    match &a.cgroup2 {
+        None => Support::no(
+            "cgroup2 is not mounted: MGLRU aging is forced on a memory cgroup of the suite's own",
+        ),
+        Some(m) if !a.cgroup2_controllers.iter().any(|c| c == "memory") => Support::no(format!(
+            "cgroup2 at {m} does not offer the memory controller (cgroup v1 holds it): the \
+             suite cannot make a memory cgroup of its own to age"
+        )),
+        Some(_) => Support::Yes,
     }
 }
 

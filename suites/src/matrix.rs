@@ -203,6 +203,11 @@ pub fn matrix() -> Vec<TrialSpec> {
                 for agent in [IdleAgent::DamonVaddr, IdleAgent::DamonPaddr] {
                     out.push(spec(tracker, Scenario::Idle { agent }, Backing::Anon, mode));
                 }
+                // MGLRU walks 4 KiB PTEs (anon) and THP PMDs; it never ages hugetlb.
+                for b in [Backing::Anon, Backing::Thp] {
+                    let agent = IdleAgent::Mglru;
+                    out.push(spec(tracker, Scenario::Idle { agent }, b, mode));
+                }
             }
             if tracker == TrackerSpec::DirtyLog && mode == ExecutionMode::Native {
                 out.push(spec(
@@ -308,6 +313,12 @@ pub fn selftests() -> Vec<TrialSpec> {
             (
                 Scenario::Idle {
                     agent: IdleAgent::DamonVaddr,
+                },
+                Backing::Anon,
+            ),
+            (
+                Scenario::Idle {
+                    agent: IdleAgent::Mglru,
                 },
                 Backing::Anon,
             ),

@@ -190,6 +190,9 @@ pub enum IdleAgent {
     /// A kdamond the suite creates with DAMON's paddr operations over the guest memory's
     /// physical frames.
     DamonPaddr,
+    /// MGLRU aging forced through debugfs on a memory cgroup the suite makes for the guest
+    /// memory.
+    Mglru,
 }
 
 impl IdleAgent {
@@ -199,6 +202,7 @@ impl IdleAgent {
         match self {
             Self::DamonVaddr => "idle-damon-vaddr",
             Self::DamonPaddr => "idle-damon-paddr",
+            Self::Mglru => "idle-mglru",
         }
     }
 }

@@ -14,8 +14,10 @@
 //! where DAMON watched only the guest memory (fvaddr, paddr: its frames, the closest runs
 //! merged), or regions over the guest memory with `nr_accesses` > 0 in snapshots of kdamond's
 //! tried regions taken while the vCPUs run (samples that found a page young again after
-//! kdamond cleared it). What this cannot see: how many clears reached KVM (tracefs counts of
-//! `kvm_age_hva` are not read yet), nor which clear preceded a lost write.
+//! kdamond cleared it). Where tracefs is mounted the evidence also counts `kvm:kvm_age_hva`
+//! events over the guest memory's host virtual range (see `kvmtrace`): the clears that reached
+//! KVM's MMU notifier; counted and zero is not-exercised too (every lane counts tens of
+//! thousands per trial). What this cannot see: which clear preceded a lost write.
 
 use trackcheck_harness::HostProfile;
 use trackcheck_harness::machine::RunView;
@@ -26,6 +28,7 @@ use super::concurrent::drive_program_with;
 use super::damon::{
     AGGR_US, Kdamond, MAX_PADDR_REGIONS, Ops, SAMPLE_US, SetupError, UPDATE_US, ranges_of,
 };
+use super::kvmtrace::{self, AgeTrace};
 use super::{Findings, TrialError, TrialTracker};
 use crate::programs;
 use crate::spec::{IdleAgent, Pattern, TrialSpec};
@@ -33,22 +36,31 @@ use crate::spec::{IdleAgent, Pattern, TrialSpec};
 /// Data pages.
 pub(super) const PAGES: u64 = 2048;
 /// vCPUs writing (random: every page is written again and again, so aging finds it young).
-const VCPUS: usize = 2;
+pub(super) const VCPUS: usize = 2;
 /// Tried-region snapshots while the vCPUs run (every [`EVERY`] harvests), besides the last.
 const SNAPSHOTS: u32 = 4;
 /// Harvests between snapshots.
 const EVERY: u32 = 3;
 
-const fn ops(agent: IdleAgent) -> Ops {
+/// DAMON's operations for `agent`; `None` for MGLRU (see `idle_mglru`).
+const fn ops(agent: IdleAgent) -> Option<Ops> {
     match agent {
-        IdleAgent::DamonVaddr => Ops::Vaddr,
-        IdleAgent::DamonPaddr => Ops::Paddr,
+        IdleAgent::DamonVaddr => Some(Ops::Vaddr),
+        IdleAgent::DamonPaddr => Some(Ops::Paddr),
+        IdleAgent::Mglru => None,
     }
 }
 
 /// Whether the host can run `agent`; the reason if not (as the machine's DAMON support says:
 /// no sysfs interface, or a kdamond the suite did not create).
-pub(super) fn precheck(agent: IdleAgent, host: &HostProfile) -> Result<(), String> {
+pub(super) fn precheck(
+    agent: IdleAgent,
+    spec: &TrialSpec,
+    host: &HostProfile,
+) -> Result<(), String> {
+    let Some(ops) = ops(agent) else {
+        return super::idle_mglru::precheck(spec, host);
+    };
     let a = &host.access;
     let mech = trackcheck_harness::Mechanism::Damon;
     if !a.damon_sysfs || !a.kdamonds.is_empty() {
@@ -57,7 +69,7 @@ pub(super) fn precheck(agent: IdleAgent, host: &HostProfile) -> Result<(), Strin
             mech.support(host).reason().unwrap_or("unsupported")
         ));
     }
-    let op = ops(agent).name();
+    let op = ops.name();
     if !a.damon_operations.is_empty() && !a.damon_operations.iter().any(|o| o == op) {
         return Err(format!(
             "{mech}: DAMON offers only {} here; {op} is absent",
@@ -140,10 +152,14 @@ pub(super) fn run(
     seed: u64,
     tracker: &mut TrialTracker,
 ) -> Result<Findings, TrialError> {
+    let Some(ops) = ops(agent) else {
+        return super::idle_mglru::run(spec, seed, tracker);
+    };
     let program = programs::concurrent(seed, Pattern::Random, VCPUS, PAGES);
     let mut m = super::machine(spec, spec.tracker.ring_bytes())?;
     let (addr, len) = (m.data().host_addr(), m.data().mapped_len());
-    let ops = ops(agent);
+    // KVM's clear_young calls over guest memory, where tracefs can count them.
+    let trace = AgeTrace::start(addr, addr + len);
     // Where guest memory is, in DAMON's addresses; paddr monitors the closest-merged runs.
     let (within, ranges) = match ops {
         Ops::Vaddr => (vec![(addr, addr + len)], vec![(addr, addr + len)]),
@@ -172,6 +188,7 @@ pub(super) fn run(
         .take(&kd, &within)
         .and_then(|()| kd.stats().map_err(setup));
     drop(kd);
+    let traced = trace.and_then(|t| t.count());
     let mut findings = driven?;
     let [all, young] = last?;
     // Scheme 1's young regions are the guest's where DAMON watched only guest memory.
@@ -198,6 +215,7 @@ pub(super) fn run(
         seen.max,
         AGGR_US / SAMPLE_US
     ));
+    findings.evidence.push(kvmtrace::summary(&traced));
     findings.not_exercised = if all.nr_tried == 0 {
         Some("DAMON's stat scheme tried no region: kdamond never aggregated".into())
     } else if seen.young == 0 && !(confined && young.nr_tried > 0) {
@@ -211,6 +229,12 @@ pub(super) fn run(
             },
             seen.snapshots
         ))
+    } else if let Ok(0) = traced {
+        Some(
+            "kdamond's clears never reached KVM's clear_young over the guest memory: 0 \
+             kvm:kvm_age_hva events over its host virtual range"
+                .into(),
+        )
     } else {
         None
     };

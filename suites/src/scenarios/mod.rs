@@ -10,6 +10,7 @@ mod driver;
 mod geometry;
 mod huge;
 mod idle;
+mod idle_mglru;
 #[cfg_attr(
     not(target_arch = "x86_64"),
     expect(
@@ -19,7 +20,10 @@ mod idle;
     )
 )]
 mod kvm_writes;
+mod kvmtrace;
+mod lru_gen;
 mod memslot;
+mod mglru;
 pub(crate) mod phase;
 mod property;
 mod reclaim;
@@ -276,7 +280,7 @@ pub fn precheck(spec: &TrialSpec, host: &HostProfile) -> Result<(), String> {
         reclaim::precheck(spec)?;
     }
     if let Scenario::Idle { agent } = spec.scenario {
-        idle::precheck(agent, host)?;
+        idle::precheck(agent, spec, host)?;
     }
     if let Scenario::GuestTables { case } = spec.scenario
         && host.kernel.arch != "x86_64"

@@ -6,8 +6,10 @@ mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp; mount -t tmpfs run /run
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
+mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
 . /lane/settings
-export PATH=/bin TRACKCHECK_GOLDEN=/lane/golden/matrix HOME=/tmp LD_LIBRARY_PATH
+# The lane's kernel is the suite's own: trials may change its settings (and restore them).
+export PATH=/bin TRACKCHECK_GOLDEN=/lane/golden/matrix HOME=/tmp LD_LIBRARY_PATH TRACKCHECK_OWN_HOST=1
 mkdir -p /lane/out
 echo "=== lane: booted $(uname -r), $(nproc) CPUs, $(grep MemTotal /proc/meminfo | tr -s ' '), uptime $(cut -d' ' -f1 /proc/uptime) s"
 # Modules, dependencies first (the host read their .modinfo): "file param=value ...".
