@@ -131,39 +131,35 @@ impl Tally {
 
 /// The agent thread; stopped and joined when dropped (also on error or panic).
 struct Agent {
-    stop: Arc<AtomicBool>,
-    cycles: Arc<AtomicU64>,
-    /// Data pages evicted since the host last took them.
-    evicted: Arc<Mutex<Vec<u64>>>,
+    shared: Arc<Shared>,
     handle: Option<JoinHandle<Result<Tally, String>>>,
+}
+
+/// What the agent thread shares with the host.
+#[derive(Default)]
+struct Shared {
+    stop: AtomicBool,
+    /// Cycles done.
+    done: AtomicU64,
+    /// Data pages evicted since the host last took them.
+    evicted: Mutex<Vec<u64>>,
 }
 
 impl Agent {
     fn start(memory: Arc<GuestMemory>, stats: Option<StatsFd>) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let cycles = Arc::new(AtomicU64::new(0));
-        let evicted = Arc::new(Mutex::new(Vec::new()));
-        let shared = Shared {
-            stop: Arc::clone(&stop),
-            done: Arc::clone(&cycles),
-            evicted: Arc::clone(&evicted),
-        };
+        let shared = Arc::new(Shared::default());
+        let theirs = Arc::clone(&shared);
         let handle = std::thread::Builder::new()
             .name("reclaim-agent".into())
-            .spawn(move || agent(&memory, stats.as_ref(), &shared))
+            .spawn(move || agent(&memory, stats.as_ref(), &theirs))
             .ok();
-        Self {
-            stop,
-            cycles,
-            evicted,
-            handle,
-        }
+        Self { shared, handle }
     }
 
     /// Wait up to `most` for `cycles` cycles to be done.
     fn wait_for(&self, cycles: u64, most: Duration) {
         let start = Instant::now();
-        while self.cycles.load(Ordering::Acquire) < cycles
+        while self.shared.done.load(Ordering::Acquire) < cycles
             && start.elapsed() < most
             && self.handle.as_ref().is_some_and(|h| !h.is_finished())
         {
@@ -173,14 +169,15 @@ impl Agent {
 
     /// The data pages evicted since the last call.
     fn take_evicted(&self) -> Vec<u64> {
-        self.evicted
+        self.shared
+            .evicted
             .lock()
             .map(|mut v| std::mem::take(&mut *v))
             .unwrap_or_default()
     }
 
     fn finish(mut self) -> Result<Tally, String> {
-        self.stop.store(true, Ordering::Release);
+        self.shared.stop.store(true, Ordering::Release);
         match self.handle.take() {
             None => Err("could not start the reclaim agent thread".into()),
             Some(h) => h
@@ -192,18 +189,11 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
+        self.shared.stop.store(true, Ordering::Release);
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
     }
-}
-
-/// What the agent thread shares with the host.
-struct Shared {
-    stop: Arc<AtomicBool>,
-    done: Arc<AtomicU64>,
-    evicted: Arc<Mutex<Vec<u64>>>,
 }
 
 /// The agent's loop (see the module doc).
