@@ -204,20 +204,12 @@ pub fn matrix() -> Vec<TrialSpec> {
                     out.push(spec(tracker, Scenario::Idle { agent }, Backing::Anon, mode));
                 }
                 // MGLRU walks 4 KiB PTEs (anon) and THP PMDs; it never ages hugetlb.
-                for b in [Backing::Anon, Backing::Thp] {
-                    let agent = IdleAgent::Mglru;
-                    out.push(spec(tracker, Scenario::Idle { agent }, b, mode));
+                // page_idle tracks LRU folios: hugetlb's never are.
+                for agent in [IdleAgent::Mglru, IdleAgent::PageIdle] {
+                    for b in [Backing::Anon, Backing::Thp] {
+                        out.push(spec(tracker, Scenario::Idle { agent }, b, mode));
+                    }
                 }
-            }
-            if tracker == TrackerSpec::DirtyLog && mode == ExecutionMode::Native {
-                out.push(spec(
-                    tracker,
-                    Scenario::Access {
-                        kind: AccessKind::PageIdle,
-                    },
-                    Backing::Anon,
-                    mode,
-                ));
             }
             for op in [
                 SlotOp::Toggle,
@@ -319,6 +311,12 @@ pub fn selftests() -> Vec<TrialSpec> {
             (
                 Scenario::Idle {
                     agent: IdleAgent::Mglru,
+                },
+                Backing::Anon,
+            ),
+            (
+                Scenario::Idle {
+                    agent: IdleAgent::PageIdle,
                 },
                 Backing::Anon,
             ),

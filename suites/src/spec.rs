@@ -165,8 +165,6 @@ pub enum AccessKind {
     GuestAd,
     /// The same without the host's flush: misses are measured, not asserted.
     GuestAdNoFlush,
-    /// /sys/kernel/mm/page_idle/bitmap.
-    PageIdle,
 }
 
 impl AccessKind {
@@ -176,7 +174,6 @@ impl AccessKind {
         match self {
             Self::GuestAd => "access-guest-ad",
             Self::GuestAdNoFlush => "access-guest-ad-noflush",
-            Self::PageIdle => "access-page-idle",
         }
     }
 }
@@ -193,6 +190,9 @@ pub enum IdleAgent {
     /// MGLRU aging forced through debugfs on a memory cgroup the suite makes for the guest
     /// memory.
     Mglru,
+    /// /sys/kernel/mm/page_idle/bitmap writes over the guest memory's frames (kernels with
+    /// CONFIG_IDLE_PAGE_TRACKING=y), with the access side checked as a lower bound.
+    PageIdle,
 }
 
 impl IdleAgent {
@@ -203,6 +203,7 @@ impl IdleAgent {
             Self::DamonVaddr => "idle-damon-vaddr",
             Self::DamonPaddr => "idle-damon-paddr",
             Self::Mglru => "idle-mglru",
+            Self::PageIdle => "idle-page-idle",
         }
     }
 }
@@ -332,12 +333,6 @@ impl Scenario {
                 "the interleavings build a tracker per case and drive it step by step; inject \
                  into proptest-programs instead",
             ),
-            (
-                Self::Access {
-                    kind: AccessKind::PageIdle,
-                },
-                _,
-            ) => Err("this access trial checks access bits, not a dirty tracker's report"),
             (Self::Race, _) | (_, Fault::DropPage) => Ok(()),
             (
                 Self::Concurrent { .. }

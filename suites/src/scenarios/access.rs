@@ -127,10 +127,9 @@ impl Tally {
     }
 }
 
-/// Whether the host can run `kind` at all (page_idle has its own support).
+/// Whether the host can run `kind` at all (guest-visible A/D bits: x86_64 so far).
 pub(super) fn precheck(kind: AccessKind, host: &HostProfile) -> Result<(), String> {
     let mech = match kind {
-        AccessKind::PageIdle => trackcheck_harness::Mechanism::PageIdle,
         AccessKind::GuestAd | AccessKind::GuestAdNoFlush => {
             trackcheck_harness::Mechanism::GuestAdBits
         }
@@ -150,13 +149,6 @@ pub(super) fn run(
     let flush = match kind {
         AccessKind::GuestAd => true,
         AccessKind::GuestAdNoFlush => false,
-        AccessKind::PageIdle => {
-            return Err(TrialError::Skip(format!(
-                "{}: this host offers it, but trackcheck's {} check is not written yet",
-                kind.name(),
-                kind.name()
-            )));
-        }
     };
     let mut config = super::machine_config(spec, PAGES, 2, spec.tracker.ring_bytes());
     config.tables_in_data = true;

@@ -28,7 +28,7 @@ use super::concurrent::drive_program_with;
 use super::damon::{
     AGGR_US, Kdamond, MAX_PADDR_REGIONS, Ops, SAMPLE_US, SetupError, UPDATE_US, ranges_of,
 };
-use super::kvmtrace::{self, AgeTrace};
+use super::kvmtrace::{self, KvmTrace};
 use super::{Findings, TrialError, TrialTracker};
 use crate::programs;
 use crate::spec::{IdleAgent, Pattern, TrialSpec};
@@ -42,12 +42,13 @@ const SNAPSHOTS: u32 = 4;
 /// Harvests between snapshots.
 const EVERY: u32 = 3;
 
-/// DAMON's operations for `agent`; `None` for MGLRU (see `idle_mglru`).
+/// DAMON's operations for `agent`; `None` for the agents with rooms of their own (MGLRU:
+/// `idle_mglru`, page_idle: `idle_page_idle`).
 const fn ops(agent: IdleAgent) -> Option<Ops> {
     match agent {
         IdleAgent::DamonVaddr => Some(Ops::Vaddr),
         IdleAgent::DamonPaddr => Some(Ops::Paddr),
-        IdleAgent::Mglru => None,
+        IdleAgent::Mglru | IdleAgent::PageIdle => None,
     }
 }
 
@@ -59,7 +60,11 @@ pub(super) fn precheck(
     host: &HostProfile,
 ) -> Result<(), String> {
     let Some(ops) = ops(agent) else {
-        return super::idle_mglru::precheck(spec, host);
+        return if agent == IdleAgent::PageIdle {
+            super::idle_page_idle::precheck(spec, host)
+        } else {
+            super::idle_mglru::precheck(spec, host)
+        };
     };
     let a = &host.access;
     let mech = trackcheck_harness::Mechanism::Damon;
@@ -82,21 +87,12 @@ pub(super) fn precheck(
 /// Byte addresses of the host frames behind `[addr, addr + len)`, sorted (from
 /// /proc/self/pagemap; root sees the frame numbers).
 fn frames(addr: u64, len: u64) -> Result<Vec<u64>, TrialError> {
-    use std::os::unix::fs::FileExt;
     let page = host_page_bytes();
-    let pages = usize::try_from(len.div_ceil(page)).unwrap_or(0);
-    let file = std::fs::File::open("/proc/self/pagemap")
-        .map_err(|e| TrialError::Skip(format!("/proc/self/pagemap: {e}")))?;
-    let mut buf = vec![0u8; pages * 8];
-    file.read_exact_at(&mut buf, addr / page * 8)
-        .map_err(|e| TrialError::Error(format!("read /proc/self/pagemap: {e}")))?;
-    let mut out: Vec<u64> = buf
-        .chunks_exact(8)
-        .filter_map(|c| {
-            let e = u64::from_le_bytes(c.try_into().unwrap_or([0; 8]));
-            let pfn = e & ((1 << 55) - 1);
-            (e >> 63 == 1 && pfn != 0).then_some(pfn * page)
-        })
+    let mut out: Vec<u64> = super::page_idle::host_frames(addr, len)
+        .map_err(|e| TrialError::Error(format!("read /proc/self/pagemap: {e}")))?
+        .into_iter()
+        .flatten()
+        .map(|pfn| pfn * page)
         .collect();
     if out.is_empty() {
         return Err(TrialError::Skip(
@@ -146,20 +142,34 @@ fn setup(e: SetupError) -> TrialError {
     }
 }
 
+/// Held through every idle trial: they run one at a time. An aging agent reaches beyond its
+/// own trial's memory (MGLRU walks the whole process, which it moved into its memcg; DAMON's
+/// paddr regions are merged runs of frames and vaddr without fvaddr watches the process), and
+/// a clear from another trial's agent between a write and the reading would make
+/// `idle-page-idle`'s access bound fail for nothing.
+static AGING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 pub(super) fn run(
     spec: &TrialSpec,
     agent: IdleAgent,
     seed: u64,
     tracker: &mut TrialTracker,
 ) -> Result<Findings, TrialError> {
+    let _alone = AGING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let Some(ops) = ops(agent) else {
-        return super::idle_mglru::run(spec, seed, tracker);
+        return if agent == IdleAgent::PageIdle {
+            super::idle_page_idle::run(spec, seed, tracker)
+        } else {
+            super::idle_mglru::run(spec, seed, tracker)
+        };
     };
     let program = programs::concurrent(seed, Pattern::Random, VCPUS, PAGES);
     let mut m = super::machine(spec, spec.tracker.ring_bytes())?;
     let (addr, len) = (m.data().host_addr(), m.data().mapped_len());
     // KVM's clear_young calls over guest memory, where tracefs can count them.
-    let trace = AgeTrace::start(addr, addr + len);
+    let trace = KvmTrace::start(addr, addr + len);
     // Where guest memory is, in DAMON's addresses; paddr monitors the closest-merged runs.
     let (within, ranges) = match ops {
         Ops::Vaddr => (vec![(addr, addr + len)], vec![(addr, addr + len)]),

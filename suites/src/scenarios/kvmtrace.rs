@@ -1,7 +1,12 @@
-//! Counting KVM's `kvm:kvm_age_hva` events over the guest memory's host virtual addresses,
+//! Counting KVM's MMU-notifier events over the guest memory's host virtual addresses,
 //! through a private tracefs instance the suite makes (`instances/trackcheck-<pid>-<n>`) and
 //! removes again when dropped: the machine's own tracing (the top-level buffer, other
-//! instances) is left alone.
+//! instances) is left alone. Two events, both with `start`/`end` fields
+//! (include/trace/events/kvm.h):
+//!
+//! `kvm_unmap_hva_range` fires in `kvm_mmu_notifier_invalidate_range_start` for every
+//! invalidation of a range holding guest memory (writeback's `page_mkclean`, pageout's unmap,
+//! a write-protect of the host's PTEs): each one makes KVM zap its mappings of the range.
 //!
 //! `kvm_age_hva` fires in `kvm_mmu_notifier_clear_young` (virt/kvm/kvm_main.c), once per MMU
 //! notifier call that asks KVM to clear the young state of `[start, end)`, before KVM looks at
@@ -16,22 +21,31 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 /// tracefs mount points, the usual one first.
 const ROOTS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
-/// The event, under an instance.
-const EVENT: &str = "events/kvm/kvm_age_hva";
+/// An event under an instance: clears of the young state.
+pub(super) const AGE: &str = "kvm_age_hva";
+/// An event under an instance: invalidations (zaps).
+pub(super) const UNMAP: &str = "kvm_unmap_hva_range";
 
 /// Instances made by this process so far (names stay unique).
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
-/// A tracefs instance counting `kvm_age_hva` over a range; removed when dropped.
+/// A tracefs instance counting one KVM event over a range; removed when dropped.
 #[derive(Debug)]
-pub(super) struct AgeTrace {
+pub(super) struct KvmTrace {
     dir: PathBuf,
+    event: &'static str,
 }
 
-impl AgeTrace {
-    /// Make the instance and enable the event, filtered to calls overlapping `[lo, hi)`; the
-    /// reason the count cannot be taken if it cannot (no tracefs, no KVM events, no rights).
+impl KvmTrace {
+    /// [`Self::event`] for `kvm_age_hva`.
     pub(super) fn start(lo: u64, hi: u64) -> Result<Self, String> {
+        Self::event(AGE, lo, hi)
+    }
+
+    /// Make the instance and enable `kvm:<event>`, filtered to calls overlapping `[lo, hi)`;
+    /// the reason the count cannot be taken if it cannot (no tracefs, no KVM events, no
+    /// rights).
+    pub(super) fn event(event: &'static str, lo: u64, hi: u64) -> Result<Self, String> {
         let root = ROOTS
             .iter()
             .map(Path::new)
@@ -46,11 +60,12 @@ impl AgeTrace {
         std::fs::create_dir(&dir)
             .map_err(|e| format!("cannot make tracefs instance {}: {e}", dir.display()))?;
         // From here on, Drop removes it.
-        let t = Self { dir };
-        let event = t.dir.join(EVENT);
+        let t = Self { dir, event };
+        let event = t.dir.join("events/kvm").join(event);
         if !event.is_dir() {
             return Err(format!(
-                "tracefs has no kvm:kvm_age_hva event ({} is absent)",
+                "tracefs has no kvm:{} event ({} is absent)",
+                t.event,
                 event.display()
             ));
         }
@@ -80,9 +95,12 @@ impl AgeTrace {
     }
 }
 
-impl Drop for AgeTrace {
+impl Drop for KvmTrace {
     fn drop(&mut self) {
-        let _ = std::fs::write(self.dir.join(EVENT).join("enable"), "0");
+        let _ = std::fs::write(
+            self.dir.join("events/kvm").join(self.event).join("enable"),
+            "0",
+        );
         let _ = std::fs::remove_dir(&self.dir);
     }
 }
@@ -102,13 +120,18 @@ fn events_in_stats(text: &str) -> Option<u64> {
     }
 }
 
-/// The evidence line for a count taken (or not) over the guest memory.
+/// The evidence line for a `kvm_age_hva` count taken (or not) over the guest memory.
 pub(super) fn summary(count: &Result<u64, String>) -> String {
+    summary_of(AGE, count)
+}
+
+/// The evidence line for a count of `kvm:<event>` taken (or not) over the guest memory.
+pub(super) fn summary_of(event: &str, count: &Result<u64, String>) -> String {
     match count {
         Ok(n) => format!(
-            "kvm:kvm_age_hva over the guest memory's host virtual range: {n} events (a private tracefs instance)"
+            "kvm:{event} over the guest memory's host virtual range: {n} events (a private tracefs instance)"
         ),
-        Err(why) => format!("kvm:kvm_age_hva not counted: {why}"),
+        Err(why) => format!("kvm:{event} not counted: {why}"),
     }
 }
 

@@ -11,6 +11,7 @@ mod geometry;
 mod huge;
 mod idle;
 mod idle_mglru;
+mod idle_page_idle;
 #[cfg_attr(
     not(target_arch = "x86_64"),
     expect(
@@ -24,6 +25,7 @@ mod kvmtrace;
 mod lru_gen;
 mod memslot;
 mod mglru;
+mod page_idle;
 pub(crate) mod phase;
 mod property;
 mod reclaim;

@@ -41,7 +41,7 @@ use trackcheck_harness::track::dirty_ring::host_page_bytes;
 use trackcheck_harness::{Backing, GuestMemory};
 
 use super::concurrent::drive_program_with;
-use super::{Findings, TrialError, TrialTracker};
+use super::{Findings, TrialError, TrialTracker, kvmtrace};
 use crate::programs;
 use crate::spec::{Pattern, TrialSpec};
 use trackcheck_guests::program::Op;
@@ -360,6 +360,9 @@ pub(super) fn run(
         .writeback(Writeback::Msync)
         .and_then(|()| m.data().page_out());
     cold.map_err(|e| TrialError::Error(format!("reclaim: cleaning the file first: {e}")))?;
+    // KVM's zaps of guest memory (evidence: the proof is writes after eviction).
+    let (addr, len) = (m.data().host_addr(), m.data().mapped_len());
+    let zaps = kvmtrace::KvmTrace::event(kvmtrace::UNMAP, addr, addr + len);
     let agent = Agent::start(m.data_shared(), stats);
     let mut watch = Watch::default();
     let mut pace = |view: &RunView<'_>, _: u32, _: &[u64], _: &mut Shadow| {
@@ -369,12 +372,16 @@ pub(super) fn run(
     };
     let driven = drive_program_with(&mut m, &program, tracker.get(), &mut pace);
     let tally = agent.finish();
+    let zaps = zaps.and_then(|t| t.count());
     let mut findings = driven?;
     let mut tally = tally.map_err(|e| TrialError::Error(format!("reclaim agent: {e}")))?;
     tally.watched = watch.first.len() as u64;
     tally.refaulted = watch.refaulted(m.data(), &words);
     m.detach(tracker.get())?;
     findings.evidence.push(tally.summary());
+    findings
+        .evidence
+        .push(kvmtrace::summary_of(kvmtrace::UNMAP, &zaps));
     findings.not_exercised = tally.not_exercised();
     Ok(findings)
 }
