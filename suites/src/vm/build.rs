@@ -18,6 +18,9 @@ use super::{Arch, VmConfig, VmError, io};
 const DISK_MODULES: &[&str] = &["brd", "crc32c_generic", "ext4"];
 /// One 256 MiB RAM disk (`rd_size` is in KiB; its pages are allocated as written).
 const BRD_PARAMS: &str = " rd_nr=1 rd_size=262144";
+/// The same for a kernel with brd built in (parameters from the command line; a modular brd
+/// ignores them there and takes [`BRD_PARAMS`] from `insmod`).
+pub const BRD_CMDLINE: [&str; 2] = ["brd.rd_nr=1", "brd.rd_size=262144"];
 
 /// Build the initramfs; returns its path.
 pub fn build_initramfs(

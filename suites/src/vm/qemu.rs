@@ -125,6 +125,7 @@ impl Qemu {
             // every other one (EBUSY): the idle-damon trials need their own.
             "damon_stat.enabled=N".into(),
         ];
+        append.extend(super::build::BRD_CMDLINE.map(String::from));
         if config.hugepages_1g > 0 {
             append.push("hugepagesz=1G".into());
             append.push(format!("hugepages={}", config.hugepages_1g));
