@@ -142,12 +142,13 @@ fn setup(e: SetupError) -> TrialError {
     }
 }
 
-/// Held through every idle trial: they run one at a time. An aging agent reaches beyond its
-/// own trial's memory (MGLRU walks the whole process, which it moved into its memcg; DAMON's
-/// paddr regions are merged runs of frames and vaddr without fvaddr watches the process), and
-/// a clear from another trial's agent between a write and the reading would make
-/// `idle-page-idle`'s access bound fail for nothing.
-static AGING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+/// `idle-page-idle` runs alone among the idle trials (it takes this for writing; the others
+/// share it). An aging agent reaches beyond its own trial's memory (MGLRU walks the whole
+/// process, which it moved into its memcg; DAMON's paddr regions are merged runs of frames and
+/// vaddr without fvaddr watches the process), and another trial's clear between a write and
+/// the reading would make `idle-page-idle`'s access bound fail for nothing. Foreign clears
+/// cannot cost a dirty page, so the other idle trials may overlap one another.
+static AGING: std::sync::RwLock<()> = std::sync::RwLock::new(());
 
 pub(super) fn run(
     spec: &TrialSpec,
@@ -155,16 +156,22 @@ pub(super) fn run(
     seed: u64,
     tracker: &mut TrialTracker,
 ) -> Result<Findings, TrialError> {
-    let _alone = AGING
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let Some(ops) = ops(agent) else {
         return if agent == IdleAgent::PageIdle {
+            let _alone = AGING
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             super::idle_page_idle::run(spec, seed, tracker)
         } else {
+            let _shared = AGING
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             super::idle_mglru::run(spec, seed, tracker)
         };
     };
+    let _shared = AGING
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let program = programs::concurrent(seed, Pattern::Random, VCPUS, PAGES);
     let mut m = super::machine(spec, spec.tracker.ring_bytes())?;
     let (addr, len) = (m.data().host_addr(), m.data().mapped_len());
