@@ -19,6 +19,8 @@
 //! KVM's MMU notifier; counted and zero is not-exercised too (every lane counts tens of
 //! thousands per trial). What this cannot see: which clear preceded a lost write.
 
+use std::sync::{PoisonError, RwLock};
+
 use trackcheck_harness::HostProfile;
 use trackcheck_harness::machine::RunView;
 use trackcheck_harness::oracle::Shadow;
@@ -42,13 +44,19 @@ const SNAPSHOTS: u32 = 4;
 /// Harvests between snapshots.
 const EVERY: u32 = 3;
 
-/// DAMON's operations for `agent`; `None` for the agents with rooms of their own (MGLRU:
-/// `idle_mglru`, page_idle: `idle_page_idle`).
-const fn ops(agent: IdleAgent) -> Option<Ops> {
+/// DAMON's operations for `agent`, or the room of its own that runs it instead.
+enum Room {
+    Damon(Ops),
+    Mglru,
+    PageIdle,
+}
+
+const fn room(agent: IdleAgent) -> Room {
     match agent {
-        IdleAgent::DamonVaddr => Some(Ops::Vaddr),
-        IdleAgent::DamonPaddr => Some(Ops::Paddr),
-        IdleAgent::Mglru | IdleAgent::PageIdle => None,
+        IdleAgent::DamonVaddr => Room::Damon(Ops::Vaddr),
+        IdleAgent::DamonPaddr => Room::Damon(Ops::Paddr),
+        IdleAgent::Mglru => Room::Mglru,
+        IdleAgent::PageIdle => Room::PageIdle,
     }
 }
 
@@ -59,12 +67,10 @@ pub(super) fn precheck(
     spec: &TrialSpec,
     host: &HostProfile,
 ) -> Result<(), String> {
-    let Some(ops) = ops(agent) else {
-        return if agent == IdleAgent::PageIdle {
-            super::idle_page_idle::precheck(spec, host)
-        } else {
-            super::idle_mglru::precheck(spec, host)
-        };
+    let ops = match room(agent) {
+        Room::Damon(ops) => ops,
+        Room::Mglru => return super::idle_mglru::precheck(spec, host),
+        Room::PageIdle => return super::idle_page_idle::precheck(spec, host),
     };
     let a = &host.access;
     let mech = trackcheck_harness::Mechanism::Damon;
@@ -148,7 +154,7 @@ fn setup(e: SetupError) -> TrialError {
 /// vaddr without fvaddr watches the process), and another trial's clear between a write and
 /// the reading would make `idle-page-idle`'s access bound fail for nothing. Foreign clears
 /// cannot cost a dirty page, so the other idle trials may overlap one another.
-static AGING: std::sync::RwLock<()> = std::sync::RwLock::new(());
+static AGING: RwLock<()> = RwLock::new(());
 
 pub(super) fn run(
     spec: &TrialSpec,
@@ -156,27 +162,28 @@ pub(super) fn run(
     seed: u64,
     tracker: &mut TrialTracker,
 ) -> Result<Findings, TrialError> {
-    let Some(ops) = ops(agent) else {
-        return if agent == IdleAgent::PageIdle {
-            let _alone = AGING
-                .write()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            super::idle_page_idle::run(spec, seed, tracker)
-        } else {
-            let _shared = AGING
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            super::idle_mglru::run(spec, seed, tracker)
-        };
+    let room = room(agent);
+    // idle-page-idle alone, the others side by side (see AGING); held to the end of the run.
+    let _turn = match room {
+        Room::PageIdle => (
+            Some(AGING.write().unwrap_or_else(PoisonError::into_inner)),
+            None,
+        ),
+        Room::Damon(_) | Room::Mglru => (
+            None,
+            Some(AGING.read().unwrap_or_else(PoisonError::into_inner)),
+        ),
     };
-    let _shared = AGING
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let ops = match room {
+        Room::Damon(ops) => ops,
+        Room::Mglru => return super::idle_mglru::run(spec, seed, tracker),
+        Room::PageIdle => return super::idle_page_idle::run(spec, seed, tracker),
+    };
     let program = programs::concurrent(seed, Pattern::Random, VCPUS, PAGES);
     let mut m = super::machine(spec, spec.tracker.ring_bytes())?;
     let (addr, len) = (m.data().host_addr(), m.data().mapped_len());
     // KVM's clear_young calls over guest memory, where tracefs can count them.
-    let trace = KvmTrace::start(addr, addr + len);
+    let trace = KvmTrace::age(addr, addr + len);
     // Where guest memory is, in DAMON's addresses; paddr monitors the closest-merged runs.
     let (within, ranges) = match ops {
         Ops::Vaddr => (vec![(addr, addr + len)], vec![(addr, addr + len)]),

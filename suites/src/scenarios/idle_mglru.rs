@@ -175,7 +175,7 @@ pub(super) fn run(
     let ager = Ager::start(Path::new(&cgroup2)).map_err(setup)?;
     let mut m = super::machine(spec, spec.tracker.ring_bytes())?;
     let (addr, len) = (m.data().host_addr(), m.data().mapped_len());
-    let trace = kvmtrace::KvmTrace::start(addr, addr + len);
+    let trace = kvmtrace::KvmTrace::age(addr, addr + len);
     let before = ager.snapshot().map_err(setup)?;
     let aging = ager.aging();
     let mut pace = |_: &RunView<'_>, _: u32, _: &[u64], _: &mut Shadow| {

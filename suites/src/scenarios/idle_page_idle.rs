@@ -358,7 +358,7 @@ pub(super) fn run(
     let mut m = super::machine(spec, spec.tracker.ring_bytes())?;
     let addr = m.data().host_addr();
     let len = m.data().mapped_len();
-    let trace = kvmtrace::KvmTrace::start(addr, addr + len);
+    let trace = kvmtrace::KvmTrace::age(addr, addr + len);
     let zaps = kvmtrace::KvmTrace::event(kvmtrace::UNMAP, addr, addr + len);
     let mut marker = Marker::start(Arc::clone(&bitmap), addr);
     let shared = Arc::clone(&marker.shared);

@@ -38,7 +38,7 @@ pub(super) struct KvmTrace {
 
 impl KvmTrace {
     /// [`Self::event`] for `kvm_age_hva`.
-    pub(super) fn start(lo: u64, hi: u64) -> Result<Self, String> {
+    pub(super) fn age(lo: u64, hi: u64) -> Result<Self, String> {
         Self::event(AGE, lo, hi)
     }
 
